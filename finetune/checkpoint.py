@@ -2,8 +2,8 @@
 
 A run folder is a timm folder (`timm.create_model("local-dir:RUN")` loads it with no code of ours):
 `model.safetensors` holds the weights and `config.json` holds timm's keys (`architecture`, `num_classes`,
-`label_names`, `pretrained_cfg`) plus ours (`schema_version`, `data_config`, `studio`: training config, metrics,
-library versions, where the weights came from). The resumable training state lives beside it in
+`label_names`, `pretrained_cfg`) plus ours (`schema_version`, `data_config`, `studio`: training config,
+metrics, library versions, where the weights came from). The resumable training state lives beside it in
 `train_state.safetensors` + `train_state.json`. Nothing here is ever unpickled, and every file is written
 atomically (temporary file, then rename) so a crash never leaves half a checkpoint.
 """
@@ -112,9 +112,13 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     """Parse and validate `config.json` of a run or timm folder (without loading weights)."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
-        raise CheckpointError(f"checkpoint '{run_dir}' is not a folder; pass a run folder written by finetune.")
+        raise CheckpointError(
+            f"checkpoint '{run_dir}' is not a folder; pass a run folder written by finetune."
+        )
     if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' has no {CONFIG_FILE}; it is not a run folder written by finetune.")
+        raise CheckpointError(
+            f"'{run_dir}' has no {CONFIG_FILE}; it is not a run folder written by finetune."
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -167,7 +171,9 @@ def load_run(checkpoint: str | Path, device: str | torch.device = "cpu") -> Load
     model_args = dict(config.get("model_args", {}))
     model_args.pop("num_classes", None)
     try:
-        model = timm.create_model(config["architecture"], pretrained=False, num_classes=num_classes, **model_args)
+        model = timm.create_model(
+            config["architecture"], pretrained=False, num_classes=num_classes, **model_args
+        )
     except Exception as error:  # unknown architecture (newer timm?) or bad model_args
         raise CheckpointError(f"cannot build '{config['architecture']}' from {run_dir}: {error}") from error
     try:

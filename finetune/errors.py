@@ -1,8 +1,8 @@
 """User-facing exceptions: the only place they are defined.
 
-Every error a user can cause (a bad folder, a bad image, a bad checkpoint, a bad option, weights that cannot be
-had offline) is a `StudioError`, so CLIs can print one line and exit 2, and the app can show a modal, while real
-bugs keep their tracebacks.
+Every error a user can cause (a bad folder, a bad image, a bad checkpoint, a bad option, weights that
+cannot be had offline) is a `StudioError`, so CLIs can print one line and exit 2, and the app can show a
+modal, while real bugs keep their tracebacks.
 """
 
 from __future__ import annotations

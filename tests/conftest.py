@@ -30,7 +30,9 @@ def photo(name: str) -> Image.Image:
     return Image.fromarray(array)
 
 
-def write_digits_folder(root: Path, classes: tuple[int, ...] = (0, 1, 2), per_class: int = 12, size: int = 32) -> Path:
+def write_digits_folder(
+    root: Path, classes: tuple[int, ...] = (0, 1, 2), per_class: int = 12, size: int = 32
+) -> Path:
     """sklearn's real handwritten digits as RGB PNGs in one subfolder per class."""
     from sklearn.datasets import load_digits
 
@@ -41,7 +43,9 @@ def write_digits_folder(root: Path, classes: tuple[int, ...] = (0, 1, 2), per_cl
         indices = np.flatnonzero(digits.target == digit)[:per_class]
         for n, index in enumerate(indices):
             pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-            Image.fromarray(pixels).convert("RGB").resize((size, size), Image.BICUBIC).save(folder / f"{n:03d}.png")
+            Image.fromarray(pixels).convert("RGB").resize((size, size), Image.BICUBIC).save(
+                folder / f"{n:03d}.png"
+            )
     return root
 
 
@@ -68,5 +72,7 @@ def untrained_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     created = create_model_and_transforms(TINY_MODEL, num_classes=3, weights="none", img_size=64)
     run_dir = tmp_path_factory.mktemp("untrained_run")
-    save_run(run_dir, created.model, ["cat", "coffee", "rocket"], created.data_config, {"weights_source": "none"})
+    save_run(
+        run_dir, created.model, ["cat", "coffee", "rocket"], created.data_config, {"weights_source": "none"}
+    )
     return run_dir
