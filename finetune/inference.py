@@ -56,6 +56,12 @@ class Classifier:
         self.batch_size = batch_size
         self._lock = threading.Lock()
 
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """Smallest decode size that loses nothing before the eval resize (for JPEG draft decoding)."""
+        size = int(self.run.data_config["input_size"][-1])
+        return (size, size)
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The run's own eval transform, stacked into one batch."""
         return torch.stack([self.run.transform(image) for image in images])

@@ -1,0 +1,235 @@
+"""`python -m finetune DATA_DIR --out RUN_DIR`: fine-tune a timm model on a folder of class subfolders.
+
+Also the entry point of distributed runs: `torchrun --nproc_per_node=N -m finetune DATA_DIR --out RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from finetune.cli import EXIT_INTERRUPTED, configure_logging, run_cli
+from finetune.config import BALANCE_MODES, DEVICES, PRECISIONS, STRATEGIES, TrainConfig
+from finetune.engine import TrainEvent
+
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+
+
+def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The CLI; a function so other launchers can reuse it as a parent parser."""
+    d = DEFAULTS
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune a pretrained timm model on DATA_DIR (one subfolder per class, or train/ + "
+        "val/) and write a self-describing run folder (model.safetensors, config.json, metrics, plots).",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "data_dir", type=Path, nargs="?", help="folder of class subfolders (optional with --resume)"
+    )
+    parser.add_argument("--out", type=Path, help="run folder to create (required unless --resume)")
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR"
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=d["model"], help="timm architecture name")
+    model.add_argument(
+        "--weights", default=d["weights"],
+        help="'auto' (embedded ImageNet weights for tf_efficientnet_lite0, else timm's download), 'none' "
+        "(random init) or a .safetensors / state-dict file",
+    )  # fmt: skip
+    model.add_argument(
+        "--img-size", type=int, default=d["img_size"], help="square input size; 0 picks from the data"
+    )
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument(
+        "--strategy", choices=STRATEGIES, default=d["strategy"],
+        help="linear: frozen backbone; finetune: everything; lp-ft: probe then fine-tune; auto: probe, then "
+        "fine-tune if it fits the time budget, keeping whichever validates best",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--epochs", type=int, default=d["epochs"], help="fine-tuning epochs; 0 picks from data size"
+    )
+    recipe.add_argument(
+        "--time-budget-s", type=float, default=d["time_budget_s"], help="time budget for auto (s)"
+    )
+    recipe.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch size")
+    recipe.add_argument(
+        "--lr", type=float, default=d["lr"], help="peak LR at batch 32 (scaled with batch size)"
+    )
+    recipe.add_argument(
+        "--layer-decay", type=float, default=d["layer_decay"], help="layer-wise LR decay; 1 = off"
+    )
+    recipe.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    recipe.add_argument("--opt", default=d["opt"], help="any timm optimizer (adamw, sgd, lamb, ...)")
+    recipe.add_argument(
+        "--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warmup epochs"
+    )
+    recipe.add_argument("--label-smoothing", type=float, default=d["label_smoothing"], help="label smoothing")
+    recipe.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max grad norm; 0 = off")
+    recipe.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
+    recipe.add_argument("--ema-decay", type=float, default=d["ema_decay"], help="EMA decay per step")
+    recipe.add_argument(
+        "--balance", choices=BALANCE_MODES, default=d["balance"],
+        help="class imbalance: loss weights, a balanced sampler, none, or auto (loss weights past 3x)",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--hflip", action="store_true", help="random horizontal flips (only if flips keep meaning)"
+    )
+    recipe.add_argument(
+        "--no-freeze-stem",
+        dest="freeze_stem",
+        action="store_false",
+        help="also train the stem and first stage",
+    )
+    recipe.add_argument(
+        "--train-bn",
+        dest="freeze_bn",
+        action="store_false",
+        help="update BatchNorm statistics while fine-tuning",
+    )
+    recipe.add_argument(
+        "--patience", type=int, default=d["patience"], help="early-stopping patience (epochs)"
+    )
+    recipe.add_argument("--probe-epochs", type=int, default=d["probe_epochs"], help="linear-probe epochs")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--val-fraction", type=float, default=d["val_fraction"], help="validation share per class"
+    )
+    data.add_argument(
+        "--seed", type=int, default=d["seed"], help="seed for split, shuffling and augmentation"
+    )
+    data.add_argument("--workers", type=int, default=d["workers"], help="decoding threads; 0 = all cores")
+    data.add_argument("--cache-dir", type=Path, help="decoded-image cache folder (default RUN_DIR/.cache)")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", choices=DEVICES, default=d["device"], help="auto picks CUDA when present")
+    system.add_argument("--precision", choices=PRECISIONS, default=d["precision"], help="autocast precision")
+    system.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The one place parsed flags become a `TrainConfig` (which validates them)."""
+    from finetune.errors import ConfigError
+
+    if args.resume is None and (args.data_dir is None or args.out is None):
+        raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR to continue a run).")
+    values = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    if args.resume is not None:
+        values.update(data_dir=args.data_dir or args.resume, out=args.resume)
+    return TrainConfig(**values)
+
+
+class ProgressBars:
+    """tqdm bars for decoding and epochs, with live loss/accuracy; silent with --quiet or off rank 0."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.key: tuple[str, int] | None = None
+
+    def __call__(self, event: TrainEvent) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.kind in ("cache", "step"):
+            key = (event.phase, event.epoch)
+            if key != self.key:
+                self.close()
+                self.key = key
+                title = {"train": "decode train", "val": "decode val", "probe": "features"}.get(event.phase)
+                title = title or f"epoch {event.epoch}/{event.epochs}"
+                unit = "batch" if event.kind == "step" else "img"
+                leave = event.phase == "finetune"
+                self.bar = tqdm(total=event.steps, desc=title, unit=unit, leave=leave, file=sys.stderr)
+            self.bar.n = event.step
+            if event.metrics:
+                self.bar.set_postfix(loss=f"{event.metrics['loss']:.3f}", acc=f"{event.metrics['acc']:.3f}")
+            self.bar.refresh()
+        elif event.kind == "epoch":
+            self.close()
+            m = event.metrics
+            star = " *" if m.get("improved") else ""
+            name = "probe" if event.phase == "probe" else f"epoch {event.epoch}/{event.epochs}"
+            tqdm_write(f"{name}: val top-1 {m['val_top1']:.4f}  val loss {m['val_loss']:.4f}{star}")
+        elif event.kind == "status":
+            self.close()
+            tqdm_write(event.message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.key = None
+
+
+def tqdm_write(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    configure_logging(args.quiet)
+    return run_cli(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finetune.distributed import init_distributed, shutdown_distributed
+    from finetune.trainer import fine_tune
+
+    config = config_from_args(args)
+    stop_requested = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        stop_requested.set()
+        tqdm_write("Stopping after this batch (Ctrl-C again to abort)...")
+
+    signal.signal(signal.SIGINT, request_stop)
+    dist = init_distributed(config.device)
+    try:
+        bars = ProgressBars(enabled=not config.quiet and dist.is_main)
+        result = fine_tune(config, bars, stop_requested.is_set, dist, resume=args.resume is not None)
+        bars.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        shutdown_distributed()
+    if dist.is_main:
+        _print_summary(result)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _print_summary(result: Any) -> None:
+    metrics = result.metrics
+    if result.interrupted:
+        kept = f"best so far (val top-1 {metrics['val_top1']:.4f}) kept" if metrics else "no checkpoint yet"
+        print(
+            f"Interrupted: {kept}. Continue with: python -m finetune --resume {result.run_dir}",
+            file=sys.stderr,
+        )
+    if metrics:
+        print(
+            f"Run folder: {result.run_dir}\nStrategy used: {result.strategy_used}; best epoch "
+            f"{metrics['best_epoch']}; val top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f}"
+        )
+    if result.bad_files:
+        print(f"Skipped {len(result.bad_files)} unreadable file(s): see {result.run_dir}/bad_files.txt")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

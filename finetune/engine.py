@@ -1,0 +1,317 @@
+"""The training loops: linear probe on cached features, one fine-tuning epoch, and evaluation.
+
+Everything here works on the decoded uint8 cache (`finetune.data.CachedImages`) and is written once for one
+process and for many (`DistContext`): batches are sharded by rank and metrics summed across ranks, so the
+validation accuracy of a distributed run is that of the whole validation set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
+
+from finetune.augment import augment, normalize
+from finetune.data import CachedImages, batches
+from finetune.distributed import DistContext
+
+
+@dataclass
+class TrainEvent:
+    """Progress reported to the CLI's tqdm bars and the app's progress bar."""
+
+    kind: str  # "status" | "cache" | "step" | "epoch" | "done"
+    phase: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+EventCallback = Callable[[TrainEvent], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class EvalResult:
+    """Validation metrics; `predictions` are filled when asked (confusion matrix, reports)."""
+
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+@dataclass
+class Precision:
+    """Autocast settings for the device: bf16 on CPUs with AVX-512 BF16 and recent GPUs, else fp16/fp32."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # None means fp32 (no autocast)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """Map --precision to an autocast dtype that this device really supports."""
+    if requested == "fp32":
+        return Precision(device, None)
+    if device.type == "cuda":
+        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
+            return Precision(device, torch.float16)
+        return Precision(device, torch.bfloat16)
+    if requested == "fp16":
+        return Precision(device, None)  # CPU fp16 autocast is slower than fp32; treat as fp32
+    bf16_ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return Precision(device, torch.bfloat16 if bf16_ok else None)
+
+
+def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last on the target device: the layout oneDNN and cuDNN convolutions are fastest with."""
+    return pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def iterate_batches(
+    data: CachedImages, batch_size: int, dist: DistContext, **kwargs: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 pixels, targets) batches of this rank's share of `data`."""
+    for index in batches(len(data), batch_size, rank=dist.rank, world_size=dist.world_size, **kwargs):
+        yield data.pixels[index], data.targets[index]
+
+
+@torch.inference_mode()
+def extract_features(
+    model: torch.nn.Module,
+    data: CachedImages,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    precision: Precision,
+    batch_size: int = 64,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Pooled backbone features (pre-logits) of every cached image, for the linear probe."""
+    model.eval()
+    features = []
+    steps = -(-len(data) // batch_size)
+    for step, start in enumerate(range(0, len(data), batch_size), start=1):
+        pixels = to_device(data.pixels[start : start + batch_size], precision.device)
+        with precision.autocast():
+            pooled = model.forward_head(model.forward_features(normalize(pixels, mean, std)), pre_logits=True)
+        features.append(pooled.float().cpu())
+        if on_step is not None:
+            on_step(step, steps)
+    return torch.cat(features)
+
+
+def fit_linear_probe(
+    train_features: torch.Tensor,
+    train_targets: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    class_weights: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.nn.Linear:
+    """A linear classifier on frozen features: AdamW + cosine decay, seconds even for thousands of images."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_features.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+    batch_size = 256
+    steps = epochs * -(-len(train_targets) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    for _ in range(epochs):
+        order = torch.randperm(len(train_targets), generator=generator)
+        for index in torch.split(order, batch_size):
+            loss = F.cross_entropy(head(train_features[index]), train_targets[index], weight=class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return head
+
+
+def probe_metrics(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+    """Validation metrics of a probe head on precomputed features."""
+    with torch.no_grad():
+        logits = head(features)
+    return _metrics_from_logits(logits, targets, keep_predictions=True)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    data: CachedImages,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: torch.nn.Module,
+    precision: Precision,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    epoch: int,
+    batch_size: int,
+    seed: int,
+    dist: DistContext,
+    num_updates: int = 0,
+    clip_grad: float = 0.0,
+    hflip: bool = False,
+    ema: Any = None,
+    grad_scaler: Any = None,
+    sample_weights: torch.Tensor | None = None,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    should_stop: StopCheck | None = None,
+    freeze_bn: bool = True,
+) -> tuple[dict[str, float], int, bool]:
+    """One pass over this rank's shard; returns (train metrics, updates done so far, was it stopped early)."""
+    model.train()
+    _keep_norms_in_eval(model, every_norm=freeze_bn)
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    torch.manual_seed(seed * 7919 + epoch)  # dropout / drop-path repeat on resume
+    shard = list(
+        iterate_batches(
+            data,
+            batch_size,
+            dist,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            drop_last=True,
+            sample_weights=sample_weights,
+        )
+    )
+    total_loss = total_correct = total_seen = 0.0
+    started = time.perf_counter()
+    stopped = False
+    for step, (pixels, targets) in enumerate(shard, start=1):
+        if should_stop is not None and dist.any_true(should_stop()):
+            stopped = True
+            break
+        inputs = augment(pixels, mean, std, generator, hflip=hflip).to(precision.device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(precision.device)
+        with precision.autocast():
+            logits = model(inputs)
+            loss = loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if grad_scaler is not None:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
+        if grad_scaler is not None:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            optimizer.step()
+        num_updates += 1
+        scheduler.step_update(num_updates=num_updates)
+        if ema is not None:
+            ema.update(model, step=num_updates)
+        total_loss += loss.item() * len(targets)
+        total_correct += (logits.argmax(dim=1) == targets).sum().item()
+        total_seen += len(targets)
+        if on_step is not None:
+            on_step(step, len(shard), {"loss": total_loss / total_seen, "acc": total_correct / total_seen})
+    loss_sum, correct, seen = dist.all_reduce_sum([total_loss, total_correct, total_seen])
+    elapsed = time.perf_counter() - started
+    metrics = {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "train_images_per_s": seen / max(elapsed, 1e-9),
+        "lr": max(group["lr"] for group in optimizer.param_groups),
+    }
+    return metrics, num_updates, stopped
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    data: CachedImages,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    precision: Precision,
+    dist: DistContext,
+    batch_size: int = 64,
+    keep_predictions: bool = False,
+) -> EvalResult:
+    """Loss, top-1 and top-5 over the whole of `data`, summed across ranks (each evaluates its shard once)."""
+    model.eval()
+    count = len(data)
+    per_rank = -(-count // dist.world_size)
+    mine = torch.arange(dist.rank * per_rank, min(count, (dist.rank + 1) * per_rank))
+    logits_parts = []
+    for index in torch.split(mine, batch_size):
+        pixels = to_device(data.pixels[index], precision.device)
+        with precision.autocast():
+            logits_parts.append(model(normalize(pixels, mean, std)).float().cpu())
+    num_classes = _num_classes(model)
+    logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
+    local = _metrics_from_logits(logits, data.targets[mine], keep_predictions=keep_predictions)
+    loss_sum, top1_sum, top5_sum, seen = dist.all_reduce_sum(
+        [local.loss * local.count, local.top1 * local.count, local.top5 * local.count, local.count]
+    )
+    seen = max(seen, 1)
+    return EvalResult(
+        loss=loss_sum / seen,
+        top1=top1_sum / seen,
+        top5=top5_sum / seen,
+        count=int(seen),
+        predictions=local.predictions,
+        targets=local.targets,
+    )
+
+
+def _metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, keep_predictions: bool) -> EvalResult:
+    if len(targets) == 0:
+        return EvalResult(loss=0.0, top1=0.0, top5=0.0, count=0)
+    loss = F.cross_entropy(logits, targets).item()
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    top1 = (top[:, 0] == targets).float().mean().item()
+    top5 = (top == targets[:, None]).any(dim=1).float().mean().item()
+    return EvalResult(
+        loss=loss,
+        top1=top1,
+        top5=top5,
+        count=len(targets),
+        predictions=top[:, 0] if keep_predictions else None,
+        targets=targets if keep_predictions else None,
+    )
+
+
+def _num_classes(model: torch.nn.Module) -> int:
+    return int(getattr(getattr(model, "module", model), "num_classes", 0))
+
+
+def _keep_norms_in_eval(model: torch.nn.Module, every_norm: bool) -> None:
+    """Keep BatchNorm statistics fixed: those of frozen layers always, all of them with `every_norm`.
+
+    Batch statistics of 32 small-data images are noisy, and switching from the pretrained running statistics
+    to them changes every feature at once, which wrecks the probe-fitted head in the first fine-tuning steps.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if every_norm or (params and not any(p.requires_grad for p in params)):
+                module.eval()

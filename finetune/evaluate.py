@@ -1,0 +1,134 @@
+"""`python -m finetune.evaluate DATA_DIR --checkpoint RUN_DIR`: top-1/5, per-class report, confusion matrix.
+
+DATA_DIR is a folder of class subfolders named like the run's labels (a subset is fine). Images go through the
+same loader and classifier as `finetune.predict` and the app, so the numbers describe what users will get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.cli import configure_logging, run_cli
+from finetune.errors import DatasetError
+from finetune.images import is_image_file, open_image
+from finetune.inference import RUNTIMES
+
+
+def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.evaluate",
+        description="Evaluate a run on a labelled folder (one subfolder per class, named as its labels).",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("data_dir", type=Path, help="folder of class subfolders")
+    parser.add_argument("--checkpoint", required=True, help="run folder (or hf-hub:USER/NAME)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of tables"
+    )
+    parser.add_argument("--out-dir", type=Path, help="also write confusion_matrix.png and reports there")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
+    parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
+    return parser
+
+
+def labelled_files(data_dir: Path, labels: list[str]) -> list[tuple[Path, int]]:
+    """(path, label index) for every image under DATA_DIR/<label>/; unknown class folders are an error."""
+    if not data_dir.is_dir():
+        raise DatasetError(f"dataset folder '{data_dir}' does not exist or is not a folder.")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in folders if p.name not in labels]
+    if unknown:
+        raise DatasetError(
+            f"class folder(s) {', '.join(unknown[:5])} in '{data_dir}' are not labels of this run "
+            f"({', '.join(labels[:10])}{'...' if len(labels) > 10 else ''})."
+        )
+    files = [
+        (path, labels.index(folder.name))
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and is_image_file(path)
+    ]
+    if not files:
+        raise DatasetError(f"no images found in the class folders of '{data_dir}'.")
+    return files
+
+
+def evaluate_folder(
+    data_dir: Path, checkpoint: str, batch_size: int = 32, runtime: str = "auto"
+) -> tuple[dict[str, Any], np.ndarray, list[str]]:
+    """Metrics dict (top1, top5, n, per_class, bad_files), confusion matrix and labels."""
+    from finetune.checkpoint import load_run
+    from finetune.errors import ImageError
+    from finetune.inference import create_classifier
+    from finetune.reports import classification_report, confusion_matrix
+
+    run = load_run(checkpoint)
+    classifier = create_classifier(run, runtime=runtime, batch_size=batch_size)
+    files = labelled_files(data_dir, run.labels)
+    probs_parts, targets, bad = [], [], []
+    for start in range(0, len(files), batch_size):
+        images, batch_targets = [], []
+        for path, target in files[start : start + batch_size]:
+            try:
+                images.append(open_image(path))
+                batch_targets.append(target)
+            except ImageError as error:
+                bad.append({"path": str(path), "error": str(error)})
+        if images:
+            probs_parts.append(classifier.predict_probs(images))
+            targets.extend(batch_targets)
+    if not targets:
+        raise DatasetError(f"none of the {len(files)} images in '{data_dir}' could be read.")
+    probs = np.concatenate(probs_parts)
+    target_array = np.array(targets)
+    ranked = np.argsort(-probs, axis=1)[:, :5]
+    matrix = confusion_matrix(target_array, ranked[:, 0], len(run.labels))
+    metrics = {
+        "top1": float((ranked[:, 0] == target_array).mean()),
+        "top5": float((ranked == target_array[:, None]).any(axis=1).mean()),
+        "n": int(len(target_array)),
+        "per_class": classification_report(matrix, run.labels),
+        "bad_files": bad,
+        "checkpoint": str(checkpoint),
+    }
+    return metrics, matrix, run.labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    configure_logging(quiet=args.quiet or args.json)
+    return run_cli(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from finetune.reports import format_report, write_reports
+
+    metrics, matrix, labels = evaluate_folder(args.data_dir, args.checkpoint, args.batch_size, args.runtime)
+    if args.out_dir is not None:
+        write_reports(args.out_dir, matrix, labels)
+    if args.json:
+        json.dump(metrics, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  on {metrics['n']} images\n")
+    print(format_report(metrics["per_class"]))
+    if len(labels) <= 20:
+        width = max(len(label) for label in labels)
+        print("confusion matrix (rows: true, columns: predicted)")
+        for label, row in zip(labels, matrix, strict=True):
+            print(f"{label:>{width}}  " + " ".join(f"{count:4d}" for count in row))
+    if metrics["bad_files"]:
+        print(f"\n{len(metrics['bad_files'])} file(s) could not be read; first: {metrics['bad_files'][0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

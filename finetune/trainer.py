@@ -1,0 +1,545 @@
+"""`fine_tune()`: the whole recipe from a folder of images to a finished run folder.
+
+The recipe (fastai's `fine_tune` in spirit): decode every image once; fit a linear probe on frozen features (a
+few seconds, and a strong baseline on small data); then, when the strategy and the time budget allow,
+fine-tune the whole network from that head with layer-wise learning-rate decay, warmup + cosine, label
+smoothing and early stopping. The best validation checkpoint of any phase is kept, so `auto` never ends worse
+than the probe. Every epoch leaves a resumable state; a stop request (Ctrl-C, the app's Cancel) ends cleanly
+at a batch edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from finetune import checkpoint, reports
+from finetune.config import TrainConfig
+from finetune.data import CachedImages, build_cache, scan_dataset, suggest_image_size, write_bad_files
+from finetune.distributed import DistContext, init_distributed
+from finetune.engine import (
+    EvalResult,
+    EventCallback,
+    Precision,
+    StopCheck,
+    TrainEvent,
+    evaluate,
+    extract_features,
+    fit_linear_probe,
+    probe_metrics,
+    resolve_precision,
+    train_one_epoch,
+)
+from finetune.errors import ConfigError, DatasetError
+from finetune.modeling import create_model_and_transforms, resolve_model_data_config, split_eval_transform
+
+logger = logging.getLogger(__name__)
+
+BAD_FILES = "bad_files.txt"
+MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 300
+BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    strategy_used: str
+    interrupted: bool = False
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds, passed between the phases below."""
+
+    config: TrainConfig
+    dist: DistContext
+    emit: EventCallback
+    should_stop: StopCheck
+    precision: Precision
+    model: torch.nn.Module
+    labels: list[str]
+    data_config: dict[str, Any]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: CachedImages
+    val: CachedImages
+    studio: dict[str, Any]
+    class_weights: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)  # metrics row of the best checkpoint so far
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.out
+
+
+def fine_tune(
+    config: TrainConfig,
+    on_event: EventCallback | None = None,
+    should_stop: StopCheck | None = None,
+    dist: DistContext | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train `config.model` on `config.data_dir` into `config.out`; `resume` continues a saved state."""
+    dist = dist or init_distributed(config.device)
+    emit = on_event or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    state = checkpoint.load_train_state(config.out) if resume else None
+    if state is not None:
+        config = TrainConfig.from_dict({**state["config"], "out": str(config.out), "quiet": config.quiet})
+        if state.get("finished"):
+            emit(TrainEvent("status", message="This run already finished; nothing to resume."))
+            return _finished_result(config, state)
+    elif dist.is_main:
+        _check_new_run_dir(config.out)
+    run = _prepare(config, dist, emit, stop)
+    if state is not None:
+        _restore(run, state)
+    phase_done = state["phase"] if state is not None else None
+    interrupted = False
+    if phase_done is None and _uses_probe(run):
+        interrupted = _linear_probe(run)
+    elif phase_done is None:
+        _save_state(run, phase="probe", epoch=0, epochs=0)
+    if not interrupted and config.strategy != "linear":
+        interrupted = _fine_tune_epochs(run, state if phase_done == "finetune" else None)
+    return _finish(run, interrupted)
+
+
+def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: StopCheck) -> _Run:
+    emit(TrainEvent("status", message=f"Scanning {config.data_dir}"))
+    split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
+    if not split.val:
+        raise DatasetError(
+            f"'{config.data_dir}' leaves no validation image: give some class at least 2 images "
+            "or add a val/ folder."
+        )
+    torch.manual_seed(config.seed)  # a new head (and a random-init model) starts the same on every run
+    created = create_model_and_transforms(config.model, len(split.classes), config.weights)
+    model = created.model
+    native = int(created.data_config["input_size"][-1])
+    image_size = config.img_size or suggest_image_size(split.train, native)
+    data_config = resolve_model_data_config(model, image_size)
+    geometric, mean, std = split_eval_transform(data_config)
+    cache_dir = config.cache_dir or (config.out / ".cache")
+    caches = {}
+    for name, samples in (("train", split.train), ("val", split.val)):
+        emit(
+            TrainEvent(
+                "status", phase="cache", message=f"Decoding {len(samples)} {name} images at {image_size} px"
+            )
+        )
+
+        def progress(done: int, total: int, name: str = name) -> None:
+            emit(TrainEvent("cache", phase=name, step=done, steps=total))
+
+        path = cache_dir / f"{name}_{image_size}.npy"
+        if dist.is_local_main:
+            caches[name] = build_cache(samples, geometric, image_size, path, config.workers or None, progress)
+        dist.barrier()
+        if not dist.is_local_main:
+            caches[name] = build_cache(samples, geometric, image_size, path, config.workers or None)
+    bad = caches["train"].bad_files + caches["val"].bad_files
+    _check_usable(split.classes, caches["train"], bad, config.data_dir)
+    precision = resolve_precision(config.precision, dist.device)
+    model.to(dist.device).to(memory_format=torch.channels_last)
+    counts = np.bincount(caches["train"].targets.numpy(), minlength=len(split.classes))
+    studio = {
+        "train_config": config.to_dict(),
+        "weights_source": created.weights_source,
+        "versions": _versions(),
+        "dataset": {
+            "num_train": len(caches["train"]),
+            "num_val": len(caches["val"]),
+            "has_val_folder": split.has_val_folder,
+            "class_counts": {label: int(n) for label, n in zip(split.classes, counts, strict=True)},
+            "num_bad_files": len(bad),
+            "image_size": image_size,
+        },
+        "precision": precision.name,
+        "device": str(dist.device),
+        "world_size": dist.world_size,
+    }
+    run = _Run(
+        config=config, dist=dist, emit=emit, should_stop=stop, precision=precision, model=model,
+        labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
+        val=caches["val"], studio=studio,
+    )  # fmt: skip
+    _set_balance(run, counts)
+    if bad and dist.is_main:
+        write_bad_files(config.out / BAD_FILES, bad)
+        logger.warning(
+            "Skipped %d unreadable image(s); the list is in %s (first: %s: %s)",
+            len(bad), config.out / BAD_FILES, bad[0][0], bad[0][1],
+        )  # fmt: skip
+    emit(TrainEvent("status", message=_describe(run)))
+    return run
+
+
+def _check_usable(
+    classes: list[str], train: CachedImages, bad: list[tuple[Path, str]], data_dir: Path
+) -> None:
+    present = set(train.targets.tolist())
+    empty = [name for index, name in enumerate(classes) if index not in present]
+    if empty:
+        raise DatasetError(
+            f"class(es) {', '.join(repr(n) for n in empty)} in '{data_dir}' have no usable training image "
+            f"({len(bad)} file(s) could not be read, e.g. {bad[0][0] if bad else '-'}); add readable images."
+        )
+
+
+def _check_new_run_dir(out: Path) -> None:
+    if (out / checkpoint.CONFIG_FILE).exists() or (out / checkpoint.STATE_META_FILE).exists():
+        raise ConfigError(
+            f"'{out}' already holds a run; use --resume {out} to continue it, or choose another --out folder."
+        )
+
+
+def _set_balance(run: _Run, counts: np.ndarray) -> None:
+    mode = run.config.balance
+    ratio = counts.max() / max(counts.min(), 1)
+    if mode == "auto":
+        mode = "loss" if ratio >= 3 else "none"
+        if mode == "loss":
+            logger.info("Classes differ %.1fx in size: weighting the loss by inverse class frequency.", ratio)
+    run.studio["balance_used"] = mode
+    inverse = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    if mode == "loss":
+        run.class_weights = inverse
+    elif mode == "sampler":
+        run.sample_weights = inverse[run.train.targets]
+
+
+def _uses_probe(run: _Run) -> bool:
+    is_linear_head = isinstance(run.model.get_classifier(), torch.nn.Linear)
+    if run.config.strategy == "linear" and not is_linear_head:
+        raise ConfigError(
+            f"--strategy linear needs a linear classifier; {run.config.model} has another head."
+        )
+    return run.config.strategy in ("auto", "linear", "lp-ft") and is_linear_head
+
+
+def _linear_probe(run: _Run) -> bool:
+    """Fit the head on frozen features; it seeds fine-tuning and is the first 'best' checkpoint."""
+    run.emit(TrainEvent("status", phase="probe", message="Linear probe: extracting features"))
+    started = time.perf_counter()
+
+    def progress(step: int, steps: int) -> None:
+        run.emit(TrainEvent("step", phase="probe", step=step, steps=steps))
+
+    train_features = extract_features(
+        run.model, run.train, run.mean, run.std, run.precision, on_step=progress
+    )
+    forward_s_per_image = (time.perf_counter() - started) / max(len(run.train), 1)
+    val_features = extract_features(run.model, run.val, run.mean, run.std, run.precision)
+    if run.should_stop():
+        return True
+    head = fit_linear_probe(
+        train_features, run.train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
+        run.config.seed,
+    )  # fmt: skip
+    classifier = run.model.get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(head.weight)
+        classifier.bias.copy_(head.bias)
+    result = probe_metrics(head, val_features, run.val.targets)
+    train_result = probe_metrics(head, train_features, run.train.targets)
+    row = _history_row(
+        run, "probe", 0, result, {"train_loss": train_result.loss, "train_acc": train_result.top1}
+    )
+    row["time_s"] = time.perf_counter() - started
+    run.studio["forward_s_per_image"] = forward_s_per_image
+    _record(run, row, improved=True, epochs=0)
+    return False
+
+
+def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
+    """Full fine-tuning with early stopping; returns True when stopped by a request."""
+    config = run.config
+    model = run.model
+    if config.freeze_stem:
+        _freeze_early_layers(model)
+    lr = config.lr * config.batch_size / 32  # linear scaling rule for the global batch
+    optimizer = create_optimizer_v2(
+        model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay if config.layer_decay < 1 else None,
+    )  # fmt: skip
+    steps_per_epoch = max(1, len(run.train) // config.batch_size)
+    epochs = state["epochs"] if state else _choose_epochs(run, steps_per_epoch)
+    if epochs <= 0:
+        return False
+    scheduler = _make_scheduler(optimizer, lr, epochs, steps_per_epoch, config.warmup_epochs)
+    ddp_model = _wrap_distributed(model, run.dist)
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
+    scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
+    loss_fn = torch.nn.CrossEntropyLoss(
+        weight=None if run.class_weights is None else run.class_weights.to(run.dist.device),
+        label_smoothing=config.label_smoothing,
+    )
+    start_epoch, num_updates, stale = 1, 0, 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, num_updates, stale = state["epoch"] + 1, state["num_updates"], state["stale"]
+    for epoch in range(start_epoch, epochs + 1):
+        started = time.perf_counter()
+
+        def on_step(step: int, steps: int, metrics: dict[str, float], epoch: int = epoch) -> None:
+            run.emit(TrainEvent("step", "finetune", epoch, epochs, step, steps, metrics))
+
+        train_metrics, num_updates, stopped = train_one_epoch(
+            ddp_model, run.train, optimizer, scheduler, loss_fn, run.precision, run.mean, run.std, epoch,
+            max(1, config.batch_size // run.dist.world_size), config.seed, run.dist, num_updates,
+            config.clip_grad, config.hflip, ema, scaler, run.sample_weights, on_step, run.should_stop,
+            config.freeze_bn,
+        )  # fmt: skip
+        if stopped:
+            return True
+        eval_model = ema.module if ema is not None else model
+        result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
+        row = _history_row(run, "finetune", epoch, result, train_metrics)
+        row["time_s"] = time.perf_counter() - started
+        improved = _is_better(row, run.best)
+        stale = 0 if improved else stale + 1
+        _record(run, row, improved, epochs, eval_model)
+        state_extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if ema is not None:
+            state_extra["ema"] = ema.module.state_dict()
+        _save_state(run, "finetune", epoch, epochs, num_updates=num_updates, stale=stale, **state_extra)
+        if run.dist.any_true(stale >= config.patience):
+            run.emit(
+                TrainEvent("status", message=f"Early stopping: no better validation score for {stale} epochs")
+            )
+            break
+    return False
+
+
+def _choose_epochs(run: _Run, steps_per_epoch: int) -> int:
+    """Epochs from the dataset size (about TARGET_STEPS updates), capped by the time budget under `auto`."""
+    config = run.config
+    if config.epochs:
+        return config.epochs
+    epochs = int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
+    per_image = run.studio.get("forward_s_per_image")
+    if config.strategy == "auto" and per_image:
+        epoch_s = per_image * BACKWARD_COST * len(run.train) / run.dist.world_size
+        remaining = config.time_budget_s - (time.perf_counter() - run.started)
+        affordable = int(remaining // max(epoch_s, 1e-6))
+        if affordable < 2:
+            logger.info(
+                "Fine-tuning would not fit the time budget (about %.0f s an epoch): keeping the probe.",
+                epoch_s,
+            )
+            run.emit(
+                TrainEvent(
+                    "status", message="Time budget too small for fine-tuning; keeping the linear probe"
+                )
+            )
+            return 0
+        epochs = min(epochs, affordable)
+    return run.dist.broadcast_int(epochs)
+
+
+def _make_scheduler(
+    optimizer: Any, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float
+) -> Any:
+    total = epochs * steps_per_epoch
+    warmup = min(int(warmup_epochs * steps_per_epoch), total // 2)
+    return CosineLRScheduler(
+        optimizer, t_initial=total, lr_min=lr * 0.01, warmup_t=warmup, warmup_lr_init=lr * 0.01,
+        t_in_epochs=False,
+    )  # fmt: skip
+
+
+def _freeze_early_layers(model: torch.nn.Module) -> None:
+    """Freeze the stem and the first stage: generic edges, and the costliest layers to backprop on CPU."""
+    from timm.models import group_parameters
+
+    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    if len(groups) < 5:
+        return
+    frozen = {name for group in groups[:2] for name in group}
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+
+
+def _wrap_distributed(model: torch.nn.Module, dist: DistContext) -> torch.nn.Module:
+    if not dist.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Higher top-1 wins; on a tie, the lower validation loss."""
+    if not best:
+        return True
+    if row["val_top1"] != best["val_top1"]:
+        return row["val_top1"] > best["val_top1"]
+    return row["val_loss"] < best["val_loss"]
+
+
+def _history_row(
+    run: _Run, phase: str, epoch: int, result: EvalResult, train: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "phase": phase,
+        **train,
+        "val_loss": result.loss,
+        "val_top1": result.top1,
+        "val_top5": result.top5,
+        "elapsed_s": time.perf_counter() - run.started,
+    }
+
+
+def _record(
+    run: _Run, row: dict[str, Any], improved: bool, epochs: int, model: torch.nn.Module | None = None
+) -> None:
+    """Log an epoch, keep the best weights, refresh metrics.json and curves.png."""
+    run.history.append(row)
+    if improved:
+        run.best = dict(row)
+    if run.dist.is_main:
+        if improved:
+            checkpoint.save_run(run.run_dir, model or run.model, run.labels, run.data_config, _studio(run))
+        reports.write_history(run.run_dir, run.history)
+    if row["phase"] == "probe":
+        _save_state(run, "probe", 0, epochs)
+    run.emit(TrainEvent("epoch", row["phase"], row["epoch"], epochs, metrics={**row, "improved": improved}))
+
+
+def _studio(run: _Run) -> dict[str, Any]:
+    best = run.best
+    metrics = {
+        "val_top1": best.get("val_top1"),
+        "val_top5": best.get("val_top5"),
+        "val_loss": best.get("val_loss"),
+        "best_epoch": best.get("epoch"),
+        "strategy_used": "linear" if best.get("phase") == "probe" else _fine_tune_name(run.config.strategy),
+        "epochs_run": max((row["epoch"] for row in run.history), default=0),
+        "wall_s": time.perf_counter() - run.started,
+    }
+    return {**run.studio, "metrics": metrics}
+
+
+def _fine_tune_name(strategy: str) -> str:
+    return "finetune" if strategy == "finetune" else "lp-ft"
+
+
+def _save_state(run: _Run, phase: str, epoch: int, epochs: int, **extra: Any) -> None:
+    if not run.dist.is_main:
+        return
+    state = {
+        "config": run.config.to_dict(),
+        "phase": phase,
+        "epoch": epoch,
+        "epochs": epochs,
+        "model": run.model.state_dict(),
+        "best": run.best,
+        "history": run.history,
+        "studio": run.studio,
+        "num_updates": extra.pop("num_updates", 0),
+        "stale": extra.pop("stale", 0),
+        **extra,
+    }
+    checkpoint.save_train_state(run.run_dir, state)
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    run.best = state["best"]
+    run.history = state["history"]
+    run.studio.update({k: v for k, v in state["studio"].items() if k in ("forward_s_per_image",)})
+    run.started -= run.history[-1]["elapsed_s"] if run.history else 0.0
+    run.emit(TrainEvent("status", message=f"Resuming after {state['phase']} epoch {state['epoch']}"))
+
+
+def _finish(run: _Run, interrupted: bool) -> TrainResult:
+    """Evaluate the best checkpoint once more for reports; write the final config and plots."""
+    bad = run.train.bad_files + run.val.bad_files
+    if not run.best:
+        return TrainResult(run.run_dir, {}, run.history, "none", interrupted, bad)
+    studio = _studio(run)
+    if run.dist.is_main:
+        best = checkpoint.load_run(run.run_dir, device=run.dist.device)
+        # fp32 so the stored score is what `finetune.evaluate` reproduces from the saved files
+        fp32 = Precision(run.dist.device, None)
+        result = evaluate(best.model, run.val, run.mean, run.std, fp32, DistContext(device=run.dist.device),
+                          keep_predictions=True)  # fmt: skip
+        matrix = reports.confusion_matrix(
+            result.targets.tolist(), result.predictions.tolist(), len(run.labels)
+        )
+        report = reports.write_reports(run.run_dir, matrix, run.labels)
+        studio["metrics"].update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
+        studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
+        studio["metrics"]["interrupted"] = interrupted
+        checkpoint.save_run(run.run_dir, best.model, run.labels, run.data_config, studio)
+        reports.write_history(run.run_dir, run.history)
+        _write_model_card(run.run_dir)
+        if not interrupted:
+            state = checkpoint.load_train_state(run.run_dir)
+            checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
+    run.dist.barrier()
+    run.emit(TrainEvent("done", metrics=studio["metrics"]))
+    return TrainResult(
+        run.run_dir, studio["metrics"], run.history, studio["metrics"]["strategy_used"], interrupted, bad
+    )
+
+
+def _write_model_card(run_dir: Path) -> None:
+    try:
+        from finetune.model_card import write_model_card
+    except ImportError:  # the model card module is optional until it lands
+        return
+    write_model_card(run_dir)
+
+
+def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
+    loaded = checkpoint.read_run_config(config.out)
+    metrics = loaded.get("studio", {}).get("metrics", {})
+    return TrainResult(config.out, metrics, state["history"], metrics.get("strategy_used", ""), False)
+
+
+def _describe(run: _Run) -> str:
+    data = run.studio["dataset"]
+    return (
+        f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val images at "
+        f"{data['image_size']} px; {run.config.model} ({run.studio['weights_source']}) on {run.dist.device}, "
+        f"{run.precision.name}"
+    )
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import timm
+
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "studio": "0.1.0",
+    }

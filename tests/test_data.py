@@ -1,0 +1,119 @@
+"""Dataset scanning, the stratified split, bad-input errors and the decoded-image cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_digits_folder
+from PIL import Image
+
+from finetune.data import build_cache, scan_dataset, stratified_split, suggest_image_size
+from finetune.errors import DatasetError
+from finetune.modeling import create_model_and_transforms, split_eval_transform
+
+
+def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1, 2), per_class=10)
+    split = scan_dataset(root, val_fraction=0.2, seed=0)
+    assert split.classes == ["digit_0", "digit_1", "digit_2"]
+    assert split.class_counts(split.val) == {"digit_0": 2, "digit_1": 2, "digit_2": 2}
+    assert split.class_counts() == {"digit_0": 8, "digit_1": 8, "digit_2": 8}
+    train_paths = {s.path for s in split.train}
+    assert not train_paths & {s.path for s in split.val}
+    again = scan_dataset(root, val_fraction=0.2, seed=0)
+    assert [s.path for s in again.val] == [s.path for s in split.val]
+    other = scan_dataset(root, val_fraction=0.2, seed=1)
+    assert [s.path for s in other.val] != [s.path for s in split.val]
+
+
+def test_single_image_class_stays_in_training(tmp_path: Path) -> None:
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=5)
+    for extra in list((root / "digit_1").iterdir())[1:]:
+        extra.unlink()
+    split = scan_dataset(root)
+    assert split.class_counts() == {"digit_0": 4, "digit_1": 1}
+    assert split.class_counts(split.val) == {"digit_0": 1, "digit_1": 0}
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid"])
+def test_existing_train_and_val_folders_are_used(tmp_path: Path, val_name: str) -> None:
+    write_digits_folder(tmp_path / "train", classes=(0, 1), per_class=6)
+    write_digits_folder(tmp_path / val_name, classes=(0, 1), per_class=2)
+    split = scan_dataset(tmp_path)
+    assert split.has_val_folder
+    assert len(split.train) == 12 and len(split.val) == 4
+    assert all(val_name in s.path.parts for s in split.val)
+
+
+def test_missing_folder_is_a_dataset_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_dataset(tmp_path / "nowhere")
+
+
+def test_fewer_than_two_classes_is_a_dataset_error(tmp_path: Path) -> None:
+    write_digits_folder(tmp_path / "d", classes=(0,), per_class=3)
+    with pytest.raises(DatasetError, match="at least 2 class"):
+        scan_dataset(tmp_path / "d")
+
+
+def test_class_without_images_is_a_dataset_error(tmp_path: Path) -> None:
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=3)
+    (root / "empty_class").mkdir()
+    (root / "empty_class" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="'empty_class'.*no images"):
+        scan_dataset(root)
+
+
+def test_cache_skips_bad_files_and_is_reused(tmp_path: Path) -> None:
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=4)
+    (root / "digit_0" / "broken.png").write_bytes(b"not a png at all")
+    (root / "digit_1" / "empty.jpg").write_bytes(b"")
+    split = scan_dataset(root, val_fraction=0.25)
+    samples = split.train + split.val
+    created = create_model_and_transforms("test_efficientnet", 2, weights="none", img_size=48)
+    geometric, _, _ = split_eval_transform(created.data_config)
+    cache_path = tmp_path / "cache" / "all_48.npy"
+    cached = build_cache(samples, geometric, 48, cache_path)
+    assert len(cached) == 8
+    assert tuple(cached.pixels.shape) == (8, 3, 48, 48)
+    assert sorted(p.name for p, _ in cached.bad_files) == ["broken.png", "empty.jpg"]
+    assert cached.pixels.float().std() > 10  # real digits, not zeros
+    again = build_cache(samples, lambda image: pytest.fail("cache should be reused"), 48, cache_path)
+    assert (again.pixels == cached.pixels).all()
+
+
+def test_cached_pixels_match_the_eval_transform(tmp_path: Path) -> None:
+    """Training sees exactly what inference sees: the same resize and crop, then the same normalization."""
+    import torch
+
+    from finetune.augment import normalize
+    from finetune.images import open_image
+    from finetune.modeling import create_eval_transform
+
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=2, size=40)
+    split = scan_dataset(root, val_fraction=0.5)
+    created = create_model_and_transforms("test_efficientnet", 2, weights="none", img_size=64)
+    geometric, mean, std = split_eval_transform(created.data_config)
+    cached = build_cache(split.train, geometric, 64)
+    expected = create_eval_transform(created.data_config)(open_image(cached.paths[0]))
+    assert torch.allclose(normalize(cached.pixels[:1], mean, std)[0], expected, atol=1e-5)
+
+
+def test_suggested_size_doubles_small_images_and_keeps_native_for_photos(
+    tmp_path: Path, photo_dir: Path
+) -> None:
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=3, size=64)
+    assert suggest_image_size(scan_dataset(root).train, native_size=224) == 128
+    photos = tmp_path / "photos"
+    for name in ("cats", "cups"):
+        (photos / name).mkdir(parents=True)
+    shutil.copy(photo_dir / "chelsea.jpg", photos / "cats")
+    shutil.copy(photo_dir / "coffee.jpg", photos / "cups")
+    assert suggest_image_size(scan_dataset(photos).train + scan_dataset(photos).val, native_size=224) == 224
+    tiny = tmp_path / "tiny"
+    for name in ("a", "b"):
+        (tiny / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tiny / name / "x.png")
+    assert suggest_image_size(stratified_split(scan_dataset(tiny).train, 0.2, 0)[0], native_size=224) == 96
