@@ -29,8 +29,19 @@ REPORT_FILE = "classification_report.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 TAGS = ["image-classification", "timm", "image-recognition-studio"]
+TIMM_URL = "https://github.com/huggingface/pytorch-image-models"
+LIMITATIONS = (
+    "## Limitations\n\nThe scores above come from validation images taken from the same collection as the "
+    "training images; expect lower accuracy on photos that look different (other cameras, lighting, "
+    "backgrounds). The model always answers with one of its classes, even for an image of none of them."
+)
 # Train-config fields that describe this machine rather than the recipe; left out of the card.
 MACHINE_FIELDS = ("out", "cache_dir", "workers", "device", "quiet")
+
+
+def is_repo_id(text: str) -> bool:
+    """A full Hub repository id, NAMESPACE/NAME (what `hf-hub:` and the card's examples need)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
 
 
 def write_model_card(
@@ -70,6 +81,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         _classes(config, report),
         _usage(repo_id, run_dir),
         _training(studio, history),
+        LIMITATIONS,
         _files(run_dir),
     ]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s).rstrip() + "\n"
@@ -136,14 +148,14 @@ def base_model_of(config: dict[str, Any]) -> str | None:
     """The Hub id of the weights training started from, when they are timm's (None for random or a file)."""
     source = str((config.get("studio") or {}).get("weights_source", ""))
     kind, _, value = source.partition(":")
-    if kind == "timm" and _is_repo_id(value.removeprefix("hf-hub:")):
+    if kind == "timm" and is_repo_id(value.removeprefix("hf-hub:")):
         return value.removeprefix("hf-hub:")
     if kind in ("timm", "embedded"):  # the packaged weights are the ones timm publishes for this model
         import timm
 
         cfg = timm.models.get_pretrained_cfg(config.get("architecture", ""))
         hub_id = (getattr(cfg, "hf_hub_id", None) or "").strip("/")
-        return hub_id if _is_repo_id(hub_id) else None
+        return hub_id if is_repo_id(hub_id) else None
     return None
 
 
@@ -159,15 +171,15 @@ def _overview(config: dict[str, Any], name: str) -> str:
     elif source == "none":
         start = "random initialisation (no pretrained weights)"
     else:
-        start = f"`{_md(source)}`"
+        start = _code(source)
     shown = ", ".join(_md(label) for label in labels[:30]) + (
-        f", … ({len(labels) - 30} more, all listed below)" if len(labels) > 30 else ""
+        f", … ({len(labels) - 30} more)" if len(labels) > 30 else ""
     )
     height, width = (data.get("input_size") or [3, "?", "?"])[-2:]
-    crop = f" {data['crop_pct']:.0%}" if _is_number(data.get("crop_pct")) else ""
+    crop = f" {data['crop_pct'] * 100:g}%" if _is_number(data.get("crop_pct")) else ""
     facts = [
         f"- **Classes:** {shown}",
-        f"- **Architecture:** `{config['architecture']}` ([timm](https://github.com/huggingface/pytorch-image-models))",
+        f"- **Architecture:** {_code(config['architecture'])} ([timm]({TIMM_URL}))",
         f"- **Started from:** {start}",
         f"- **Input:** {width}×{height} RGB, {data.get('interpolation', '?')} resize, "
         f"{data.get('crop_mode', 'center')} crop{crop}, "
@@ -193,7 +205,7 @@ def _results(config: dict[str, Any], report: dict[str, Any], run_dir: Path) -> s
     if "best_epoch" in metrics:
         rows.append(("Best epoch (weights kept)", str(metrics["best_epoch"])))
     if metrics.get("strategy_used"):
-        rows.append(("Strategy", f"`{metrics['strategy_used']}`"))
+        rows.append(("Strategy", _code(metrics["strategy_used"])))
     lines = ["## Results on the validation set"]
     lines.append(
         _table(("Metric", "Value"), rows) if rows else "No validation metrics were recorded for this run."
@@ -205,24 +217,21 @@ def _results(config: dict[str, Any], report: dict[str, Any], run_dir: Path) -> s
 
 
 def _classes(config: dict[str, Any], report: dict[str, Any]) -> str:
+    """One row per class with the columns that were recorded: image counts, per-class validation scores."""
     labels = _labels(config)
     counts = ((config.get("studio") or {}).get("dataset") or {}).get("class_counts") or {}
-    rows = []
-    for label in labels:
-        scores = report.get(label) if isinstance(report.get(label), dict) else {}
-        rows.append(
-            (
-                _md(label),
-                str(counts.get(label, "")),
-                *(
-                    f"{scores[key]:.3f}" if isinstance(scores.get(key), (int, float)) else ""
-                    for key in ("precision", "recall", "f1")
-                ),
-                _cell(scores.get("support")),
-            )
-        )
-    header = ("Class", "Training images", "Precision", "Recall", "F1", "Validation images")
-    return "## Classes\n\n" + _table(header, rows)
+    scores = {label: report[label] for label in labels if isinstance(report.get(label), dict)}
+    columns = [("Class", lambda label: _md(label))]
+    if counts:
+        columns.append(("Training images", lambda label: _cell(counts.get(label))))
+    if scores:
+        for key, title in (("precision", "Precision"), ("recall", "Recall"), ("f1", "F1")):
+            columns.append((title, lambda label, key=key: _score(scores.get(label, {}).get(key))))
+        columns.append(("Validation images", lambda label: _cell(scores.get(label, {}).get("support"))))
+    if len(columns) == 1:
+        return ""  # the names alone are already listed at the top
+    rows = [tuple(render(label) for _, render in columns) for label in labels]
+    return "## Classes\n\n" + _table(tuple(title for title, _ in columns), rows)
 
 
 def _usage(repo_id: str | None, run_dir: Path) -> str:
@@ -230,7 +239,7 @@ def _usage(repo_id: str | None, run_dir: Path) -> str:
     ours = f"hf-hub:{repo_id}" if repo_id else str(run_dir)
     return f"""## How to use
 
-With [timm](https://github.com/huggingface/pytorch-image-models) alone (labels and preprocessing come with \
+With [timm]({TIMM_URL}) alone (labels and preprocessing come with \
 the model):
 
 ```python
@@ -265,7 +274,9 @@ def _training(studio: dict[str, Any], history: list[dict[str, Any]]) -> str:
         }
         lines.append(
             "<details><summary>Training options</summary>\n\n"
-            + _table(("Option", "Value"), [(key, f"`{_plain(value)}`") for key, value in shown.items()])
+            + _table(
+                ("Option", "Value"), [(_code(key), _code(_plain(value))) for key, value in shown.items()]
+            )
             + "\n\n</details>"
         )
     if history:
@@ -281,11 +292,6 @@ def _training(studio: dict[str, Any], history: list[dict[str, Any]]) -> str:
         lines.append(
             "Software: " + ", ".join(f"{name} {version}" for name, version in versions.items()) + "."
         )
-    lines.append(
-        "Limitations: the scores above come from a validation set drawn from the same folder as the training "
-        "images; expect lower accuracy on photos that look different (other cameras, lighting, backgrounds), "
-        "and the model can only answer with one of its classes."
-    )
     return "\n\n".join(lines) if len(lines) > 1 else ""
 
 
@@ -298,7 +304,7 @@ def _files(run_dir: Path) -> str:
         CURVES_FILE: "loss and accuracy curves",
         CONFUSION_FILE: "confusion matrix on the validation set",
     }
-    rows = [(f"`{name}`", text) for name, text in described.items() if (run_dir / name).is_file()]
+    rows = [(_code(name), text) for name, text in described.items() if (run_dir / name).is_file()]
     return "## Files\n\n" + _table(("File", "Contents"), rows)
 
 
@@ -336,12 +342,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_repo_id(text: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
-
-
 def _numbers(values: Any) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]" if isinstance(values, (list, tuple)) else "?"
+
+
+def _score(value: Any) -> str:
+    return f"{value:.3f}" if _is_number(value) else ""
 
 
 def _cell(value: Any) -> str:
@@ -350,6 +356,11 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else _md(str(value))
+
+
+def _code(text: str) -> str:
+    """An inline code span that survives a table cell: no backticks inside, pipes escaped (GFM tables)."""
+    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
 
 
 def _md(text: str) -> str:

@@ -14,7 +14,6 @@ import argparse
 import fnmatch
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from finetune.checkpoint import HUB_FILES, HUB_PREFIX, STATE_META_FILE, load_run
 from finetune.errors import ConfigError, StudioError
-from finetune.model_card import CARD_FILE, write_model_card
+from finetune.model_card import CARD_FILE, is_repo_id, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ConfigError(f"invalid --repo-id '{repo_id}': {error}") from error
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+    if not is_repo_id(repo_id):
         raise ConfigError(
             f"invalid --repo-id '{repo_id}'; use USER/NAME, such as 'alice/flowers-classifier'."
         )

@@ -71,7 +71,7 @@ def test_card_body_shows_metrics_classes_plots_and_how_to_load(run_dir: Path) ->
     assert 'timm.create_model("hf-hub:alice/digits", pretrained=True)' in body
     assert "python app.py --checkpoint hf-hub:alice/digits" in body
     assert "--checkpoint hf-hub:alice/digits photo.jpg" in body
-    assert "| data_dir | `digits` |" in body  # the dataset's name, not the local path
+    assert "| `data_dir` | `digits` |" in body  # the dataset's name, not the local path
     assert str(run_dir.parent) not in body  # no local paths once the card is meant for the Hub
 
 
@@ -94,13 +94,18 @@ def test_card_is_written_without_metrics_report_or_plots(untrained_run_dir: Path
     assert metadata["library_name"] == "timm" and "model-index" not in metadata
     assert "No validation metrics were recorded for this run." in body
     assert "![" not in body and "Per-epoch history" not in body
-    assert "| cat |" in body and "`model.safetensors`" in body and "`metrics.json`" in body
+    assert "- **Classes:** cat, coffee, rocket" in body and "## Classes" not in body  # no empty table
+    assert "`model.safetensors`" in body and "`metrics.json`" in body
 
 
 def test_card_escapes_class_names_and_shows_top5_with_many_classes(tmp_path: Path) -> None:
     labels = ["a|b", "<script>x</script>", "snake_case", "*star*", "plain", "[link](x)"]
     created = create_model_and_transforms(TINY_MODEL, num_classes=len(labels), weights="none", img_size=32)
-    studio = {"metrics": {"val_top1": 83.3, "val_top5": 100.0}, "weights_source": "none"}  # percentages
+    studio = {
+        "metrics": {"val_top1": 83.3, "val_top5": 100.0},  # recorded as percentages
+        "weights_source": "none",
+        "dataset": {"class_counts": {label: 10 + n for n, label in enumerate(labels)}},
+    }
     save_run(tmp_path, created.model, labels, created.data_config, studio)
     metadata, body = split_card(render_model_card(tmp_path))
     scores = {m["name"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
@@ -109,8 +114,9 @@ def test_card_escapes_class_names_and_shows_top5_with_many_classes(tmp_path: Pat
     assert "<script>" not in body and "\\<script\\>" in body
     classes = body.split("## Classes\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert len(classes) == 2 + len(labels)
-    for row in classes:  # every row has exactly the 6 columns of the header: no name breaks the table
-        assert row.replace("\\|", "").count("|") == 7, row
+    for row in classes:  # every row has the 2 columns of the header (no report): no name breaks the table
+        assert row.replace("\\|", "").count("|") == 3, row
+    assert "| a\\|b | 10 |" in classes and "| \\[link\\](x) | 15 |" in classes
 
 
 @pytest.mark.parametrize(
