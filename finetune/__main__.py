@@ -124,10 +124,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     if args.resume is None and (args.data_dir is None or args.out is None):
         raise ConfigError("give DATA_DIR and --out RUN_DIR (or --resume RUN_DIR to continue a run).")
-    values = {k: v for k, v in vars(args).items() if k in DEFAULTS}
-    if args.resume is not None:
-        values.update(data_dir=args.data_dir or args.resume, out=args.resume)
-    return TrainConfig(**values)
+    if args.resume is not None:  # the saved config wins: a resumed run ends where the first would have
+        from finetune.checkpoint import read_train_config
+
+        saved = read_train_config(args.resume)
+        return TrainConfig.from_dict({**saved, "out": args.resume, "quiet": args.quiet})
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in DEFAULTS})
 
 
 class ProgressBars:

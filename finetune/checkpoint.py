@@ -290,6 +290,17 @@ def load_train_state(run_dir: Path) -> dict[str, Any]:
     return _unflatten(meta["state"], read_safetensors(tensors_path))
 
 
+def read_train_config(run_dir: Path) -> dict[str, Any]:
+    """The training config saved with a run's resumable state (JSON only; no tensors are read)."""
+    meta_path = Path(run_dir) / STATE_META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"'{run_dir}' has no resumable training state ({STATE_META_FILE}).")
+    try:
+        return dict(json.loads(meta_path.read_text(encoding="utf-8"))["state"]["config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"the training state in '{run_dir}' is damaged: {error}") from error
+
+
 def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
         tensors[key] = value.detach().to("cpu").contiguous()

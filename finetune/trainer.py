@@ -41,6 +41,7 @@ from finetune.engine import (
     train_one_epoch,
 )
 from finetune.errors import ConfigError, DatasetError
+from finetune.model_card import write_model_card
 from finetune.modeling import create_model_and_transforms, resolve_model_data_config, split_eval_transform
 
 logger = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
         studio["metrics"]["interrupted"] = interrupted
         checkpoint.save_run(run.run_dir, best.model, run.labels, run.data_config, studio)
         reports.write_history(run.run_dir, run.history)
-        _write_model_card(run.run_dir)
+        write_model_card(run.run_dir)
         if not interrupted:
             state = checkpoint.load_train_state(run.run_dir)
             checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
@@ -507,14 +508,6 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     return TrainResult(
         run.run_dir, studio["metrics"], run.history, studio["metrics"]["strategy_used"], interrupted, bad
     )
-
-
-def _write_model_card(run_dir: Path) -> None:
-    try:
-        from finetune.model_card import write_model_card
-    except ImportError:  # the model card module is optional until it lands
-        return
-    write_model_card(run_dir)
 
 
 def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
