@@ -26,6 +26,7 @@ from finetune.errors import ImageError, StudioError
 from finetune.images import ImageSource
 
 DEFAULT_THRESHOLD = 0.5
+RESULT_TTL_S = 900  # the last result (the input and every candidate box) is freed 15 minutes after its run
 TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
 MAX_DOWNLOADS = 200  # JSON files kept in the temporary folder; older ones are deleted
 _DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
@@ -45,7 +46,7 @@ def build(vision: VisionService) -> None:
             annotated = gr.Image(type="pil", label="Detections", interactive=False)
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections", interactive=False)
             download = gr.File(label="Detections as JSON", interactive=False)
-    result = gr.State()
+    result = gr.State(time_to_live=RESULT_TTL_S)
     outputs = [annotated, table, download, result]
     button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)
     threshold.release(
@@ -65,10 +66,10 @@ def detect(
 
 def rethreshold(
     result: DetectionResult | None, threshold: float
-) -> tuple[Image.Image, list[list[Any]], str, DetectionResult] | tuple[Any, ...]:
-    """Re-filter the last result at a new threshold without running the model; nothing to do before a run."""
+) -> tuple[Image.Image, list[list[Any]], str, DetectionResult] | dict[str, Any]:
+    """Re-filter the last result at a new threshold without running the model; before any run, skip."""
     if result is None:
-        return (gr.skip(),) * 4
+        return gr.skip()
     try:
         return _outputs(result.with_threshold(threshold))
     except StudioError as error:

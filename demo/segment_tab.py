@@ -20,6 +20,7 @@ from finetune.errors import StudioError
 from finetune.images import ImageSource
 
 DEFAULT_OPACITY = 0.6
+RESULT_TTL_S = 900  # the last result (the input and its mask) is freed 15 minutes after its run
 
 
 def build(vision: VisionService) -> None:
@@ -33,7 +34,7 @@ def build(vision: VisionService) -> None:
         with gr.Column():
             overlay = gr.Image(type="pil", label="Segmentation", interactive=False)
             legend = gr.HTML(label="Classes present")
-    result = gr.State()
+    result = gr.State(time_to_live=RESULT_TTL_S)
     button.click(
         partial(segment, vision),
         [image, opacity],

@@ -8,7 +8,6 @@ everything the tabs show: the annotated image, the boxes or the mask, and where 
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,8 +33,6 @@ from demo.vision_weights import (
 )
 from finetune.errors import ConfigError
 from finetune.images import ImageSource, open_image
-
-logger = logging.getLogger(__name__)
 
 # detection inputs are shrunk to this first; every detector here resizes below it anyway
 MODEL_MAX_SIDE = 1333
@@ -144,9 +141,10 @@ class VisionService:
         picture = open_image(image)
         small = picture.copy()
         small.thumbnail((MODEL_MAX_SIDE, MODEL_MAX_SIDE))
-        with self._locks["detector"], torch.inference_mode():
+        with self._locks["detector"]:
             loaded = self._load("detector")
-            output = loaded.model([loaded.spec.weights.transforms()(small)])[0]
+            with torch.inference_mode():
+                output = loaded.model([loaded.spec.weights.transforms()(small)])[0]
         scale = torch.tensor([picture.width / small.width, picture.height / small.height] * 2)
         limit = torch.tensor([picture.width, picture.height] * 2, dtype=torch.float32)
         boxes = torch.minimum((output["boxes"] * scale).clamp(min=0), limit)
@@ -161,9 +159,10 @@ class VisionService:
     def segment(self, image: ImageSource) -> SegmentationResult:
         """A class id for every pixel of `image` (PASCAL VOC classes) and the share of each class present."""
         picture = open_image(image)
-        with self._locks["segmenter"], torch.inference_mode():
+        with self._locks["segmenter"]:
             loaded = self._load("segmenter")
-            logits = loaded.model(loaded.spec.weights.transforms()(picture).unsqueeze(0))["out"][0]
+            with torch.inference_mode():
+                logits = loaded.model(loaded.spec.weights.transforms()(picture).unsqueeze(0))["out"][0]
         # argmax at the model's resolution, then nearest-neighbour up: full-size logits of a big photo would
         # need gigabytes for little visible gain
         classes = Image.fromarray(logits.argmax(0).to(torch.uint8).numpy())
@@ -220,7 +219,7 @@ def class_shares(mask: np.ndarray, categories: list[str]) -> list[ClassShare]:
     present = sorted(np.flatnonzero(counts), key=lambda index: (-counts[index], index))
     return [
         ClassShare(
-            int(index), display_name(categories[index]), counts[index] / total, class_color(int(index))
+            int(index), display_name(categories[index]), float(counts[index] / total), class_color(int(index))
         )
         for index in present
     ]

@@ -202,7 +202,7 @@ def weights_status(config: VisionConfig, task: Task) -> WeightsStatus:
         return WeightsStatus(task, name, "cache", str(cached), message)
     if config.allow_download:
         message = (
-            f"{name} weights ({spec.size_mb:g} MB) will be downloaded from {spec.weights.url} into "
+            f"{name} weights ({spec.size_mb:.0f} MB) will be downloaded from {spec.weights.url} into "
             f"'{cached.parent}' on first use."
         )
         return WeightsStatus(task, name, "download", spec.weights.url, message)
@@ -237,7 +237,7 @@ def missing_message(config: VisionConfig, task: Task) -> str:
     where = " or ".join(f"'{folder}'" for folder in [*folders, config.hub_checkpoints()])
     return (
         f"No weights for the {task} {name} are available offline. Place the file '{spec.file_name}' "
-        f"({spec.size_mb:g} MB, from {spec.weights.url}) in {where}, point {FLAG_WEIGHTS[task]} / "
+        f"({spec.size_mb:.0f} MB, from {spec.weights.url}) in {where}, point {FLAG_WEIGHTS[task]} / "
         f"{ENV_WEIGHTS[task]} at a copy, or set {FLAG_WEIGHTS_DIR} / {ENV_WEIGHTS_DIR} to its folder; "
         f"online, torchvision downloads it. To hide the Detect and Segment tabs, start with {FLAG_OFF} or "
         f"set {ENV_TABS}=off."
