@@ -1,0 +1,146 @@
+"""The Detect tab: COCO object boxes drawn on an uploaded image, a score slider, a table and a JSON download.
+
+Handlers are module-level functions on plain values so tests call them without a server; the model work lives
+in `VisionService`. Moving the slider re-filters the last result instead of running the model again. The
+events run with `preprocess=False` so that every upload, even a broken one, reaches `open_image` and its
+clear `ImageError` instead of failing inside gradio's own image decoding with a generic error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from demo.vision_tasks import DetectionResult, VisionService, WeightsStatus
+from finetune.checkpoint import write_json
+from finetune.errors import ImageError, StudioError
+from finetune.images import ImageSource
+
+DEFAULT_THRESHOLD = 0.5
+RESULT_TTL_S = 900  # the last result (the input and every candidate box) is freed 15 minutes after its run
+TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
+MAX_DOWNLOADS = 200  # JSON files kept in the temporary folder; older ones are deleted
+_DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
+
+
+def build(vision: VisionService) -> None:
+    """Create the tab's components and wire its events; called inside `with gr.Tab(...)` by app.py."""
+    gr.Markdown(status_markdown(vision.weights_status("detector")))
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", image_mode=None, label="Image")
+            threshold = gr.Slider(
+                vision.min_score, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Score threshold"
+            )
+            button = gr.Button("Detect objects", variant="primary")
+        with gr.Column():
+            annotated = gr.Image(type="pil", label="Detections", interactive=False)
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections", interactive=False)
+            download = gr.File(label="Detections as JSON", interactive=False)
+    result = gr.State(time_to_live=RESULT_TTL_S)
+    outputs = [annotated, table, download, result]
+    button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)
+    threshold.release(
+        rethreshold, [result, threshold], outputs, api_name="detect_threshold", api_visibility="private"
+    )
+
+
+def detect(
+    vision: VisionService, image: ImageSource | dict[str, Any] | None, threshold: float
+) -> tuple[Image.Image, list[list[Any]], str, DetectionResult]:
+    """Run the detector: annotated image, table rows, JSON file path, and the result kept for the slider."""
+    try:
+        return _outputs(vision.detect(upload_source(image), threshold))
+    except StudioError as error:
+        raise _to_gr_error(error) from error
+
+
+def rethreshold(
+    result: DetectionResult | None, threshold: float
+) -> tuple[Image.Image, list[list[Any]], str, DetectionResult] | dict[str, Any]:
+    """Re-filter the last result at a new threshold without running the model; before any run, skip."""
+    if result is None:
+        return gr.skip()
+    try:
+        return _outputs(result.with_threshold(threshold))
+    except StudioError as error:
+        raise _to_gr_error(error) from error
+
+
+def upload_source(value: ImageSource | dict[str, Any] | None) -> ImageSource:
+    """The image an Image input holds: a path or PIL image, or gradio's raw payload (`{"path": ...}`, or a
+    `data:` URL from the webcam or clipboard) since our events skip gradio's preprocessing."""
+    if isinstance(value, dict):
+        url = value.get("url") or ""
+        if value.get("path"):
+            value = value["path"]
+        elif url.startswith("data:") and "," in url:
+            try:
+                value = base64.b64decode(url.split(",", 1)[1])
+            except binascii.Error as error:
+                raise ImageError(
+                    "the pasted image is not valid base64 data; upload the file instead."
+                ) from error
+        else:
+            value = None
+    if value is None:
+        raise ImageError("no image yet: upload, paste or capture an image first.")
+    return value
+
+
+def table_rows(result: DetectionResult) -> list[list[Any]]:
+    """One row per kept detection, in `TABLE_HEADERS` order, rounded for reading."""
+    return [
+        [detection.label, round(detection.score, 3), *(round(value, 1) for value in detection.box)]
+        for detection in result.detections
+    ]
+
+
+def status_markdown(status: WeightsStatus) -> str:
+    """The line above the tab: where the weights come from, or exactly what to do when there are none."""
+    if status.is_available:
+        return f"Finds and labels common objects (COCO classes). {status.message}"
+    return f"**Detection is unavailable:** {status.message}"
+
+
+def write_download(result: DetectionResult) -> str:
+    """The result as a JSON file, named by its content so repeated clicks reuse one file."""
+    data = result.as_dict()
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    path = _DOWNLOAD_DIR / f"detections-{digest}.json"
+    if not path.is_file():
+        write_json(path, data)
+        _prune(_DOWNLOAD_DIR, MAX_DOWNLOADS)
+    return str(path)
+
+
+def _outputs(result: DetectionResult) -> tuple[Image.Image, list[list[Any]], str, DetectionResult]:
+    return result.image, table_rows(result), write_download(result), result
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` downloads, so a long-running Space does not fill its disk."""
+    files = sorted(folder.glob("detections-*.json"), key=_modified_time, reverse=True)
+    for path in files[keep:]:
+        path.unlink(missing_ok=True)
+
+
+def _modified_time(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another request pruned it first
+        return 0.0
+
+
+def _to_gr_error(error: StudioError) -> gr.Error:
+    # TODO(lead): use the shared StudioError->gr.Error helper after merge
+    return gr.Error(str(error), print_exception=False)

@@ -1,0 +1,234 @@
+"""Tests for demo/detect_tab.py and demo/segment_tab.py: handlers called directly, then a real Gradio server.
+
+The service runs randomly initialised torchvision models of the real architectures, saved as local weight
+files (see test_vision_tasks.py), so everything is offline and nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+from safetensors.torch import save_file
+from test_vision_tasks import SIZE, random_state_dict
+
+from demo import detect_tab, segment_tab
+from demo.vision_tasks import VisionService
+from demo.vision_weights import DEFAULT_MODEL, SPECS, TASKS, VisionConfig
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionService:
+    folder = tmp_path_factory.mktemp("tab_weights")
+    for task in TASKS:
+        save_file(random_state_dict(task, seed=0), str(folder / f"{task}.safetensors"))
+    config = VisionConfig(
+        detector_weights=folder / "detector.safetensors",
+        segmenter_weights=folder / "segmenter.safetensors",
+        allow_download=False,
+        hub_dir=folder / "hub",
+        min_score=0.0,
+    )
+    return VisionService(config)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tab_images") / "astronaut.jpg"
+    photo("astronaut").resize(SIZE).save(path, quality=95)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def download_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the JSON downloads of each test in its own folder."""
+    monkeypatch.setattr(detect_tab, "_DOWNLOAD_DIR", tmp_path / "downloads")
+    return tmp_path / "downloads"
+
+
+def offline_vision(root: Path) -> VisionService:
+    return VisionService(
+        VisionConfig(weights_dir=root / "weights", hub_dir=root / "hub", allow_download=False)
+    )
+
+
+def test_detect_handler_returns_image_table_json_and_state(vision, image_path, download_dir):
+    annotated, rows, json_path, result = detect_tab.detect(vision, str(image_path), 0.0)
+
+    assert annotated.size == SIZE
+    assert len(rows) == len(result.detections) > 0
+    assert all(len(row) == len(detect_tab.TABLE_HEADERS) for row in rows)
+    assert rows[0][0] == result.detections[0].label and rows[0][1] == round(result.detections[0].score, 3)
+    assert Path(json_path).parent == download_dir
+    assert json.loads(Path(json_path).read_text()) == json.loads(json.dumps(result.as_dict()))
+
+
+def test_detect_handler_accepts_gradio_payloads_and_data_urls(vision, image_path):
+    from_payload = detect_tab.detect(vision, {"path": str(image_path), "orig_name": "a.jpg"}, 0.5)
+    png = io.BytesIO()
+    Image.open(image_path).save(png, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    from_url = detect_tab.detect(vision, {"path": None, "url": data_url}, 0.5)
+
+    assert from_payload[0].size == from_url[0].size == SIZE
+
+
+def test_threshold_slider_refilters_the_last_result(vision, image_path):
+    *_, result = detect_tab.detect(vision, str(image_path), 0.0)
+
+    annotated, rows, _, moved = detect_tab.rethreshold(result, 1.0)
+    assert rows == [] and moved.threshold == 1.0
+    assert np.array_equal(np.asarray(annotated), np.asarray(Image.open(image_path).convert("RGB")))
+    assert len(detect_tab.rethreshold(moved, 0.0)[1]) == len(result.detections)
+    assert detect_tab.rethreshold(None, 0.5) == gr.skip()
+
+
+def test_handlers_turn_bad_input_into_a_readable_gr_error(vision, tmp_path):
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"<html>not a photo</html>")
+    for handler in (detect_tab.detect, segment_tab.segment):
+        with pytest.raises(gr.Error, match="not an image PIL can read"):
+            handler(vision, str(bad), 0.5)
+        with pytest.raises(gr.Error, match="no image yet"):
+            handler(vision, None, 0.5)
+    with pytest.raises(gr.Error, match="threshold must be a number between 0 and 1"):
+        detect_tab.detect(vision, photo("coffee").resize(SIZE), 1.5)
+
+
+def test_segment_handler_overlay_legend_and_opacity(vision, image_path):
+    overlay, legend, result = segment_tab.segment(vision, str(image_path), 0.6)
+
+    assert overlay.size == SIZE
+    for share in result.legend:
+        assert f"{share.label}: {share.share * 100:.1f}%" in legend
+        assert f"rgb{share.color}" in legend
+    assert np.array_equal(np.asarray(segment_tab.recolor(result, 0.0)), np.asarray(result.image))
+    assert segment_tab.recolor(None, 0.5) == gr.skip()
+    with pytest.raises(gr.Error, match="opacity"):
+        segment_tab.recolor(result, 7)
+
+
+def test_tabs_explain_missing_weights_in_the_page_and_on_use(tmp_path, image_path):
+    vision = offline_vision(tmp_path)
+    with gr.Blocks() as demo:
+        with gr.Tab("Detect"):
+            detect_tab.build(vision)
+        with gr.Tab("Segment"):
+            segment_tab.build(vision)
+    texts = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+
+    for task, handler in (("detector", detect_tab.detect), ("segmenter", segment_tab.segment)):
+        file_name = SPECS[task][DEFAULT_MODEL[task]].file_name
+        shown = [text for text in texts if file_name in text]
+        assert len(shown) == 1 and "unavailable" in shown[0] and "VISION_TABS=off" in shown[0]
+        assert str(tmp_path / "weights") in shown[0]
+        with pytest.raises(gr.Error, match=file_name):
+            handler(vision, str(image_path), 0.5)
+
+
+def test_json_downloads_are_pruned(vision, image_path, download_dir, monkeypatch):
+    monkeypatch.setattr(detect_tab, "MAX_DOWNLOADS", 3)
+    *_, result = detect_tab.detect(vision, str(image_path), 0.0)
+    for threshold in np.linspace(0.0, 1.0, 6):
+        detect_tab.write_download(result.with_threshold(float(threshold)))
+    assert len(list(download_dir.glob("detections-*.json"))) == 3
+
+
+@pytest.mark.app
+def test_real_server_serves_detect_and_segment_by_api_name(vision, image_path, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    with gr.Blocks() as demo:
+        with gr.Tab("Detect"):
+            detect_tab.build(vision)
+        with gr.Tab("Segment"):
+            segment_tab.build(vision)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+            "/detect",
+            "/segment",
+        }
+
+        annotated, table, json_path = client.predict(handle_file(str(image_path)), 0.0, api_name="/detect")
+        assert Image.open(annotated).size == SIZE
+        assert len(table["data"]) == len(json.loads(Path(json_path).read_text())["detections"]) > 0
+        _, strict_table, _ = client.predict(handle_file(str(image_path)), 1.0, api_name="/detect")
+        assert strict_table["data"] == []
+
+        overlay, legend = client.predict(handle_file(str(image_path)), 0.5, api_name="/segment")
+        assert Image.open(overlay).size == SIZE and "%" in legend
+
+        for api_name, value in (("/detect", 0.5), ("/segment", 0.5)):
+            with pytest.raises(AppError, match="not an image PIL can read"):
+                client.predict(handle_file(str(bad)), value, api_name=api_name)
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser
+def test_browser_detects_segments_and_shows_the_missing_weights_modal(vision, image_path, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with gr.Blocks() as demo:
+        with gr.Tab("Detect"):
+            detect_tab.build(vision)
+        with gr.Tab("Segment"):
+            segment_tab.build(vision)
+    with gr.Blocks() as offline_demo:
+        with gr.Tab("Detect"):
+            detect_tab.build(offline_vision(tmp_path))
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    offline_demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                ],
+            )
+            try:
+                page = browser.new_page()
+                page.goto(demo.local_url)
+                page.locator("input[type=file]").first.set_input_files(str(image_path))
+                page.get_by_role("button", name="Detect objects").click()
+                expect(page.get_by_text("detections-").first).to_be_visible(timeout=60_000)
+                assert page.locator("table tbody tr").count() > 0
+
+                page.get_by_role("tab", name="Segment").click()
+                page.locator("input[type=file]").last.set_input_files(str(image_path))
+                page.get_by_role("button", name="Segment", exact=True).click()
+                share = vision.segment(image_path).legend[0]
+                expect(page.get_by_text(f"{share.label}: {share.share * 100:.1f}%")).to_be_visible(
+                    timeout=60_000
+                )
+
+                page.goto(offline_demo.local_url)
+                page.locator("input[type=file]").first.set_input_files(str(image_path))
+                page.get_by_role("button", name="Detect objects").click()
+                toast = page.get_by_test_id("toast-body")
+                expect(toast).to_contain_text(
+                    SPECS["detector"][DEFAULT_MODEL["detector"]].file_name, timeout=30_000
+                )
+                expect(toast).to_contain_text("VISION_TABS=off")
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+        offline_demo.close()
