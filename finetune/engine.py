@@ -288,8 +288,8 @@ def _metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, keep_predi
     loss = F.cross_entropy(logits, targets).item()
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
-    top1 = (top[:, 0] == targets).float().mean().item()
-    top5 = (top == targets[:, None]).any(dim=1).float().mean().item()
+    top1 = (top[:, 0] == targets).sum().item() / len(targets)
+    top5 = (top == targets[:, None]).any(dim=1).sum().item() / len(targets)
     return EvalResult(
         loss=loss,
         top1=top1,

@@ -1,0 +1,121 @@
+"""`finetune.predict` and `finetune.evaluate` end to end, on a trained tiny run and the embedded model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL, write_digits_folder
+
+from finetune.config import TrainConfig
+from finetune.trainer import fine_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained on train/ and validated on val/ of three digit classes: (run_dir, val_dir)."""
+    root = tmp_path_factory.mktemp("digits_split")
+    write_digits_folder(root / "data" / "train", classes=(0, 1, 2), per_class=20)
+    full = write_digits_folder(root / "all", classes=(0, 1, 2), per_class=26)
+    for folder in full.iterdir():  # the last 6 of each class, not in train/, become val/
+        target = root / "data" / "val" / folder.name
+        target.mkdir(parents=True)
+        for path in sorted(folder.iterdir())[20:]:
+            shutil.copy(path, target / path.name)
+    config = TrainConfig(
+        data_dir=root / "data", out=root / "run", model=TINY_MODEL, weights="none", img_size=48, epochs=3,
+        batch_size=8, quiet=True,
+    )  # fmt: skip
+    fine_tune(config)
+    return root / "run", root / "data" / "val"
+
+
+def test_evaluate_json_matches_the_training_validation_score(trained: tuple[Path, Path]) -> None:
+    run_dir, val_dir = trained
+    result = run_module("finetune.evaluate", str(val_dir), "--checkpoint", str(run_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    stored = json.loads((run_dir / "config.json").read_text())["studio"]["metrics"]
+    assert metrics["n"] == 18
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert metrics["top1"] == pytest.approx(stored["val_top1"], abs=1e-9)
+    assert set(metrics["per_class"]) >= {"digit_0", "digit_1", "digit_2", "macro avg"}
+
+
+def test_evaluate_tables_and_unknown_class_folder(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run_dir, val_dir = trained
+    result = run_module(
+        "finetune.evaluate", str(val_dir), "--checkpoint", str(run_dir), "--out-dir", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "confusion matrix" in result.stdout
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+    strange = tmp_path / "strange"
+    shutil.copytree(val_dir, strange)
+    (strange / "digit_0").rename(strange / "giraffe")
+    result = run_module("finetune.evaluate", str(strange), "--checkpoint", str(run_dir))
+    assert result.returncode == 2
+    assert "giraffe" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_writes_one_row_per_file_with_errors_in_their_rows(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run_dir, val_dir = trained
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    out = tmp_path / "preds.csv"
+    result = run_module(
+        "finetune.predict", str(val_dir), str(tmp_path / "empty.jpg"), str(tmp_path / "notes.png"),
+        "--checkpoint", str(run_dir), "--top-k", "2", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 18 + 2
+    assert list(rows[0]) == [
+        "path",
+        "label",
+        "prob",
+        "error",
+        "top1_label",
+        "top1_prob",
+        "top2_label",
+        "top2_prob",
+    ]
+    good = [row for row in rows if not row["error"]]
+    assert len(good) == 18
+    assert all(
+        row["label"] in {"digit_0", "digit_1", "digit_2"} and 0 < float(row["prob"]) <= 1 for row in good
+    )
+    assert all(row["label"] == row["top1_label"] for row in good)
+    bad = {Path(row["path"]).name: row["error"] for row in rows if row["error"]}
+    assert "empty" in bad["empty.jpg"] and "not an image" in bad["notes.png"]
+    assert "2 of 20 file(s) could not be classified" in result.stderr
+
+
+def test_predict_without_checkpoint_uses_readable_imagenet_names(photo_dir: Path) -> None:
+    result = run_module("finetune.predict", str(photo_dir / "chelsea.jpg"), str(photo_dir / "coffee.jpg"))
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["path"]).stem: row for row in csv.DictReader(io.StringIO(result.stdout))}
+    assert rows["chelsea"]["label"] in {"tiger cat", "Egyptian cat", "tabby"}
+    assert rows["coffee"]["label"] == "espresso"
+
+
+def test_predict_bad_checkpoint_is_a_one_line_error(tmp_path: Path, photo_dir: Path) -> None:
+    result = run_module("finetune.predict", str(photo_dir / "chelsea.jpg"), "--checkpoint", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "config.json" in result.stderr
