@@ -65,7 +65,8 @@ def build(service: InferenceService) -> None:
                 label=f"Predictions (top-{TOP_K})",
                 interactive=False,
                 wrap=True,
-                column_widths=["18%", "14%", "10%", "38%", "20%"],
+                column_widths=["16%", "14%", "13%", "35%", "22%"],
+                max_height=900,
                 elem_id="batch-table",
             )
     button.click(

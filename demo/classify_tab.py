@@ -48,9 +48,10 @@ def model_card(info: ModelInfo) -> str:
     shown = ", ".join(info.labels[:8]) + (", ..." if len(info.labels) > 8 else "")
     lines = [
         f"**Model:** {info.name}",
-        f"**Architecture:** `{info.architecture}` ({info.runtime})",
+        f"**Architecture:** `{info.architecture}`, runtime: {info.runtime}",
         f"**Classes ({len(info.labels)}):** {shown}",
-        f"**Weights:** `{info.weights_source}` (from {info.source})",
+        f"**Weights:** `{info.weights_source}`",
+        f"**Loaded from:** {'this package (no run folder)' if info.source == 'embedded' else info.source}",
     ]
     if info.metrics:
         metrics = ", ".join(f"{key} {_format_metric(value)}" for key, value in info.metrics.items())
@@ -79,9 +80,9 @@ def build(service: InferenceService) -> None:
         with gr.Column():
             label = gr.Label(label="Top classes", elem_id="classify-label")
             latency = gr.Markdown(elem_id="classify-latency")
+            with gr.Accordion("About the model", open=True):
+                gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
     gr.Examples(examples=example_images(), inputs=image, label="Example photos (scikit-image)")
-    with gr.Accordion("About the model", open=False):
-        gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
     latency_s = gr.State()
     button.click(
         partial(classify, service),
@@ -89,7 +90,7 @@ def build(service: InferenceService) -> None:
         outputs=[label, latency_s],
         api_name="classify",
         preprocess=False,  # `open_image` decodes the upload, with clear messages for bad files
-        concurrency_limit=service.max_batch_size,
+        concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
         concurrency_id="classify",
     ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
 

@@ -34,6 +34,7 @@ MAX_BATCH_FILES = (
     200  # files per Batch request; more is refused with a message rather than queued for minutes
 )
 FILE_CHUNK = 16  # files decoded at once in a batch request, which bounds memory for large photos
+_RUNTIME_NAMES = {"Classifier": "torch"}  # classifiers that do not name their runtime themselves
 MIN_IMAGE_SIDE = 4  # smaller images (1x1 tracking pixels, broken exports) carry nothing to classify
 
 
@@ -45,7 +46,7 @@ class ModelInfo:
     architecture: str
     labels: list[str]
     weights_source: str
-    source: str  # run folder, hf-hub id or "embedded"
+    source: str  # run folder (an hf-hub run's cache folder) or "embedded"
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: str = "torch"
 
@@ -162,7 +163,8 @@ class InferenceService:
             weights_source=str(studio.get("weights_source", "unknown")),
             source=str(run.run_dir) if run.run_dir is not None else "embedded",
             metrics=dict(studio.get("metrics") or {}),
-            runtime=type(model.classifier).__name__,
+            runtime=getattr(model.classifier, "runtime", None)
+            or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
         )
 
     def predict_topk(self, image: ImageSource, k: int = 5, name: str | None = None) -> Prediction:
