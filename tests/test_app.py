@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import pytest
 from app_server import serve
@@ -168,3 +169,38 @@ def test_upload_above_the_size_limit_is_refused_and_the_server_keeps_serving(
     assert (
         client.predict(handle_file(EXAMPLES / "chelsea.jpg"), 3, api_name="/classify")["label"] in CAT_CLASSES
     )
+
+
+def test_app_serves_a_fine_tuned_run_with_its_own_labels(untrained_run_dir: Path) -> None:
+    service = InferenceService.from_checkpoint(untrained_run_dir)
+    try:
+        with serve(service) as local_url:
+            result = Client(local_url, verbose=False).predict(
+                handle_file(EXAMPLES / "rocket.jpg"), 3, api_name="/classify"
+            )
+    finally:
+        service.close()
+    assert {entry["label"] for entry in result["confidences"]} == {"cat", "coffee", "rocket"}
+
+
+def test_command_line_takes_the_checkpoint_from_env_and_refuses_a_bad_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CHECKPOINT", "hf-hub:someone/some-run")
+    args = app.get_parser().parse_args([])
+    assert (args.checkpoint, args.runtime, args.host, args.port, args.share) == (
+        "hf-hub:someone/some-run",
+        "auto",
+        None,  # Gradio's own default (GRADIO_SERVER_NAME or 127.0.0.1) applies
+        None,  # likewise GRADIO_SERVER_PORT or 7860
+        False,
+    )
+    assert app.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint ")
+
+
+def test_spaces_front_matter_matches_the_installed_gradio() -> None:
+    readme = (EXAMPLES.parents[1] / "README.md").read_text(encoding="utf-8")
+    front_matter = readme.split("---")[1]
+    assert f"sdk_version: {gr.__version__}" in front_matter
+    assert "app_file: app.py" in front_matter
