@@ -73,7 +73,9 @@ def build(service: InferenceService) -> None:
                 filterable=True,
                 allow_custom_value=True,  # the API takes any string; the service names unknown classes
             )
-            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heatmap opacity")
+            opacity = gr.Slider(
+                0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heatmap opacity", elem_id="explain-opacity"
+            )
             button = gr.Button("Explain", variant="primary", elem_id="explain-button")
         with gr.Column(scale=2):
             with gr.Row():

@@ -119,6 +119,10 @@ def test_explain_tab_shows_both_heatmaps(page) -> None:
         heatmap.evaluate("image => image.decode()")  # wait for the heatmap's pixels, not just the tag
         assert heatmap.evaluate("image => image.naturalWidth") == 448
     screenshot(page, "explain")
+    before = page.locator("#explain-single img").get_attribute("src")
+    page.locator("#explain-opacity input[type=number]").fill("0.9")
+    page.locator("#explain-opacity input[type=number]").press("Enter")
+    expect(page.locator("#explain-single img")).not_to_have_attribute("src", before)  # re-blended
 
 
 def test_batch_tab_fills_one_row_per_file(page, tmp_path: Path) -> None:
