@@ -44,30 +44,41 @@ class MicroBatcher(Generic[Item, Result]):
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran (for tests, metrics)
         self._queue: queue.Queue[tuple[Item, Future[Result]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._closed = False
 
     def submit(self, item: Item, timeout_s: float | None = None) -> Result:
-        """Queue `item`, block until its batch has run and return its own result (or raise its error)."""
-        if self._closed:
-            raise RuntimeError(f"{self.name} is closed")
-        self._ensure_worker()
+        """Queue `item`, block until its batch has run and return its own result (or raise its error).
+
+        After `close()` (the model was swapped out while a request was on its way) the item is answered
+        alone in the caller's thread, so a late request still gets its answer.
+        """
         future: Future[Result] = Future()
-        self._queue.put((item, future))
+        with self._state_lock:  # nothing is queued behind the stop marker, so no request waits forever
+            is_open = not self._closed
+            if is_open:
+                self._ensure_worker()
+                self._queue.put((item, future))
+        if not is_open:
+            return self.predict([item])[0]
         return future.result(timeout=timeout_s)
 
     def close(self) -> None:
-        """Stop the worker after the items already queued; later `submit` calls raise."""
-        self._closed = True
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout=10)
+        """Finish the items already queued and stop the worker."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            worker = self._worker
+            if worker is not None:
+                self._queue.put(None)
+        if worker is not None:
+            worker.join(timeout=10)
 
     def _ensure_worker(self) -> None:
-        with self._start_lock:
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._worker.start()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._worker.start()
 
     def _run(self) -> None:
         while True:

@@ -115,6 +115,7 @@ def test_micro_batcher_gives_a_failed_batch_error_to_its_requests_and_keeps_work
         batcher.submit(-1, timeout_s=10)
     assert batcher.submit(7, timeout_s=10) == 7
     batcher.close()
+    assert batcher.submit(8, timeout_s=10) == 8  # a request that arrives after a model swap is still answered
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
@@ -159,6 +160,25 @@ def test_predict_batch_refuses_no_files_and_too_many(service: InferenceService, 
         service.predict_batch([])
     with pytest.raises(ConfigError, match=f"at most {MAX_BATCH_FILES}"):
         service.predict_batch([photo_dir / "chelsea.jpg"] * (MAX_BATCH_FILES + 1))
+
+
+def test_replacing_a_run_keeps_answering_requests_that_started_on_the_old_one(
+    service: InferenceService, untrained_run_dir: Path
+) -> None:
+    name = service.selected
+    answers: list[list[str]] = []
+
+    def keep_asking() -> None:
+        for _ in range(20):
+            answers.append(service.predict_topk(photo("coffee"), k=3).labels)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    for _ in range(3):
+        service.add_run(name, load_run(untrained_run_dir))
+    asker.join(timeout=60)
+    assert not asker.is_alive() and len(answers) == 20
+    assert service.available_models() == [name]
 
 
 def test_select_swaps_the_model_for_new_requests(service: InferenceService, digits_run_dir: Path) -> None:
