@@ -32,7 +32,7 @@ def classify(service: InferenceService, image: Any, k: float) -> tuple[dict[str,
     with user_errors():
         source, name = image_source(image)
         start = time.perf_counter()
-        prediction = service.predict_topk(source, int(k), name=name)
+        prediction = service.predict_topk(source, k, name=name)
     return prediction.as_dict(), time.perf_counter() - start
 
 
@@ -53,9 +53,9 @@ def model_card(info: ModelInfo) -> str:
         f"**Weights:** `{info.weights_source}`",
         f"**Loaded from:** {'this package (no run folder)' if info.source == 'embedded' else info.source}",
     ]
-    if info.metrics:
-        metrics = ", ".join(f"{key} {_format_metric(value)}" for key, value in info.metrics.items())
-        lines.append(f"**Validation:** {metrics}")
+    metrics = _scalar_metrics(info.metrics)
+    if metrics:
+        lines.append("**Validation:** " + ", ".join(f"{key} {value}" for key, value in metrics.items()))
     else:
         lines.append("**Validation:** no metrics recorded for this model.")
     return "  \n".join(lines)
@@ -95,5 +95,14 @@ def build(service: InferenceService) -> None:
     ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
 
 
-def _format_metric(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Numbers and words from a run's metrics, nested dicts flattened ("best.val_acc"); curves left out."""
+    flat: dict[str, str] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_scalar_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, float):
+            flat[f"{prefix}{key}"] = f"{value:.4g}"
+        elif isinstance(value, (int, str)):
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

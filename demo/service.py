@@ -167,7 +167,7 @@ class InferenceService:
             or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
         )
 
-    def predict_topk(self, image: ImageSource, k: int = 5, name: str | None = None) -> Prediction:
+    def predict_topk(self, image: ImageSource, k: int | float = 5, name: str | None = None) -> Prediction:
         """Top-k classes of one image; concurrent calls are batched into shared forward passes.
 
         `name` is how the image is called in error messages (an upload's original file name).

@@ -56,9 +56,11 @@ def test_predict_topk_matches_a_plain_classifier(service: InferenceService, untr
     np.testing.assert_allclose(prediction.probs, reference.probs, rtol=1e-5, atol=1e-6)
 
 
-def test_predict_topk_rejects_a_k_below_one(service: InferenceService) -> None:
+def test_predict_topk_rejects_a_k_that_is_not_a_positive_number(service: InferenceService) -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         service.predict_topk(photo("chelsea"), k=0)
+    with pytest.raises(ConfigError, match="whole number"):
+        service.predict_topk(photo("chelsea"), k="five")
 
 
 def test_concurrent_requests_each_get_their_own_answer(service: InferenceService, photo_dir: Path) -> None:

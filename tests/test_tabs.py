@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -68,6 +69,12 @@ def test_model_card_names_the_model_its_weights_and_metrics(service: InferenceSe
     card = classify_tab.model_card(service.info())
     assert "test_efficientnet" in card and "**Classes (3):** cat, coffee, rocket" in card
     assert "**Weights:** `none`" in card and "no metrics recorded" in card
+
+
+def test_model_card_shows_scalar_metrics_and_leaves_curves_out(service: InferenceService) -> None:
+    info = replace(service.info(), metrics={"best": {"val_acc": 0.93125, "epoch": 7}, "history": [0.1, 0.2]})
+    card = classify_tab.model_card(info)
+    assert "**Validation:** best.val_acc 0.9313, best.epoch 7" in card and "history" not in card
 
 
 def test_explain_handler_and_opacity_reblend(service: InferenceService, photo_dir: Path) -> None:
