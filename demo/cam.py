@@ -145,23 +145,29 @@ def compute_cams(
     """Grad-CAM at each input scale the model can take, every map resized back to the input's (H, W).
 
     Scale 1.0 is always included. The input is the run's own transform output; other scales resize that
-    tensor (already normalized), so every scale shares the same crop and normalization.
+    tensor (already normalized), so every scale shares the same crop and normalization. A scale that
+    rounds to a size already used (small inputs, large strides) is left out rather than counted twice.
     """
     base_hw = (int(input_tensor.shape[-2]), int(input_tensor.shape[-1]))
-    usable = sorted({1.0, *scales}) if supports_multiscale(model) else [1.0]
     stride = _stride(model)
-    cams = {}
-    for scale in usable:
-        size = tuple(max(stride, round(side * scale / stride) * stride) for side in base_hw)
+    wanted = [1.0, *sorted(set(scales) - {1.0})] if supports_multiscale(model) else [1.0]
+    cams: dict[float, np.ndarray] = {}
+    sizes_done: set[tuple[int, int]] = set()
+    for scale in wanted:
+        size = _scaled_size(base_hw, scale, stride)
+        if size in sizes_done:
+            continue
+        sizes_done.add(size)
+        resized = size != base_hw
         scaled = (
-            input_tensor
-            if size == base_hw
-            else F.interpolate(input_tensor, size=size, mode="bilinear", antialias=True)
+            F.interpolate(input_tensor, size=size, mode="bilinear", antialias=True)
+            if resized
+            else input_tensor
         )
         with _input_size(model, size):
             cam = compute_cam(model, scaled, class_index)
         cams[scale] = _resize_map(cam, base_hw)
-    return cams
+    return dict(sorted(cams.items()))
 
 
 def fuse_cams(cams: dict[float, np.ndarray]) -> np.ndarray:
@@ -209,6 +215,14 @@ def _resize_map(cam: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         return cam
     resized = Image.fromarray(cam.astype(np.float32)).resize((size_hw[1], size_hw[0]), Image.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def _scaled_size(base_hw: tuple[int, int], scale: float, stride: int) -> tuple[int, int]:
+    """`base_hw` times `scale` in multiples of `stride`; the base size itself at scale 1."""
+    if scale == 1.0:
+        return base_hw
+    height, width = (max(stride, round(side * scale / stride) * stride) for side in base_hw)
+    return height, width
 
 
 def _stride(model: torch.nn.Module) -> int:

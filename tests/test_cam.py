@@ -109,6 +109,11 @@ def test_cnn_multiscale_maps_share_the_input_frame_and_fuse_into_zero_one() -> N
     assert sorted(cams) == [0.75, 1.0, 1.5]
     fused = fuse_cams(cams)
     assert fused.shape == (96, 96) and fused.min() == 0.0 and fused.max() == pytest.approx(1.0)
+    # 0.75 x 64 rounds to 64 at a stride of 32: that scale would repeat 1.0, so it is left out.
+    assert sorted(compute_cams(model, torch.randn(1, 3, 64, 64), class_index=1, scales=(0.75, 2.0))) == [
+        1.0,
+        2.0,
+    ]
 
 
 def test_model_view_is_the_crop_the_model_sees() -> None:
