@@ -12,11 +12,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 
-from demo import batch_tab, classify_tab, explain_tab
+from demo import batch_tab, classify_tab, detect_tab, explain_tab, segment_tab
 from demo.service import InferenceService
+from demo.vision_tasks import VisionService
+from demo.vision_weights import VisionConfig
 from finetune.errors import StudioError
 from finetune.inference import RUNTIMES
 
@@ -25,6 +28,11 @@ TABS: list[tuple[str, Callable[[InferenceService], None]]] = [
     ("Classify", classify_tab.build),
     ("Explain", explain_tab.build),
     ("Batch", batch_tab.build),
+]
+# Optional torchvision tabs, built on the VisionService (turned off by --no-vision or VISION_TABS=off).
+VISION_TABS: list[tuple[str, Callable[[VisionService], None]]] = [
+    ("Detect", detect_tab.build),
+    ("Segment", segment_tab.build),
 ]
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused by Gradio before they reach the app
 QUEUE_MAX_SIZE = 64  # waiting requests beyond this get "queue full" instead of an ever longer wait
@@ -36,13 +44,17 @@ INTRO = (
 )
 
 
-def build_app(service: InferenceService) -> gr.Blocks:
+def build_app(service: InferenceService, vision: VisionService | None = None) -> gr.Blocks:
     """The whole app as a `gr.Blocks`, with its queue configured; tests launch it on 127.0.0.1."""
     with gr.Blocks(title="Image Recognition Studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
         for title, build in TABS:
             with gr.Tab(title):
                 build(service)
+        if vision is not None and vision.is_enabled:
+            for title, build_vision in VISION_TABS:
+                with gr.Tab(title):
+                    build_vision(vision)
     return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
 
 
@@ -83,7 +95,36 @@ def get_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default=None, help="address to bind (default: Gradio's, 127.0.0.1)")
     server.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    vision = parser.add_argument_group("detection and segmentation tabs")
+    vision.add_argument(
+        "--no-vision", action="store_true", help="leave out the Detect and Segment tabs (env VISION_TABS=off)"
+    )
+    vision.add_argument(
+        "--vision-weights-dir",
+        type=Path,
+        help="folder with torchvision weight files under their official names (env VISION_WEIGHTS_DIR; "
+        "default: the torch hub cache)",
+    )
+    vision.add_argument(
+        "--detector-weights", type=Path, help="detector .pth/.safetensors file (env VISION_DETECTOR_WEIGHTS)"
+    )
+    vision.add_argument(
+        "--segmenter-weights",
+        type=Path,
+        help="segmenter .pth/.safetensors file (env VISION_SEGMENTER_WEIGHTS)",
+    )
     return parser
+
+
+def create_vision_service(args: argparse.Namespace) -> VisionService:
+    """The Detect/Segment service from flags, which win over the VISION_* environment variables."""
+    config = VisionConfig.from_env(
+        is_enabled=False if args.no_vision else None,
+        weights_dir=args.vision_weights_dir,
+        detector_weights=args.detector_weights,
+        segmenter_weights=args.segmenter_weights,
+    )
+    return VisionService(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    launch(build_app(service), host=args.host, port=args.port, share=args.share)
+    launch(build_app(service, create_vision_service(args)), host=args.host, port=args.port, share=args.share)
     return 0
 
 
