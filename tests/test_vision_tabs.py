@@ -80,7 +80,7 @@ def test_handlers_turn_bad_input_into_a_readable_gr_error(vision, tmp_path):
     for handler in (detect_tab.detect, segment_tab.segment):
         with pytest.raises(gr.Error, match="not an image PIL can read"):
             handler(vision, str(bad), 0.5)
-        with pytest.raises(gr.Error, match="no image yet"):
+        with pytest.raises(gr.Error, match="no image; upload a photo"):
             handler(vision, None, 0.5)
     with pytest.raises(gr.Error, match="threshold must be a number between 0 and 1"):
         detect_tab.detect(vision, photo("coffee").resize(SIZE), 1.5)
