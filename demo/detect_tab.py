@@ -32,18 +32,27 @@ _DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
 
 def build(vision: VisionService) -> None:
     """Create the tab's components and wire its events; called inside `with gr.Tab(...)` by app.py."""
-    gr.Markdown(status_markdown(vision.weights_status("detector")))
+    gr.Markdown(status_markdown(vision.weights_status("detector")), elem_id="detect-status")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", image_mode=None, label="Image")
+            image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="detect-image")
             threshold = gr.Slider(
-                vision.min_score, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Score threshold"
+                vision.min_score,
+                1.0,
+                value=DEFAULT_THRESHOLD,
+                step=0.01,
+                label="Score threshold",
+                elem_id="detect-threshold",
             )
-            button = gr.Button("Detect objects", variant="primary")
+            button = gr.Button("Detect objects", variant="primary", elem_id="detect-button")
         with gr.Column():
-            annotated = gr.Image(type="pil", label="Detections", interactive=False)
-            table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections", interactive=False)
-            download = gr.File(label="Detections as JSON", interactive=False)
+            annotated = gr.Image(
+                type="pil", label="Detections", interactive=False, elem_id="detect-annotated"
+            )
+            table = gr.Dataframe(
+                headers=TABLE_HEADERS, label="Detections", interactive=False, elem_id="detect-table"
+            )
+            download = gr.File(label="Detections as JSON", interactive=False, elem_id="detect-json")
     result = gr.State(time_to_live=RESULT_TTL_S)
     outputs = [annotated, table, download, result]
     button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)

@@ -24,15 +24,17 @@ RESULT_TTL_S = 900  # the last result (the input and its mask) is freed 15 minut
 
 def build(vision: VisionService) -> None:
     """Create the tab's components and wire its events; called inside `with gr.Tab(...)` by app.py."""
-    gr.Markdown(status_markdown(vision.weights_status("segmenter")))
+    gr.Markdown(status_markdown(vision.weights_status("segmenter")), elem_id="segment-status")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", image_mode=None, label="Image")
-            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Mask opacity")
-            button = gr.Button("Segment", variant="primary")
+            image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="segment-image")
+            opacity = gr.Slider(
+                0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Mask opacity", elem_id="segment-opacity"
+            )
+            button = gr.Button("Segment", variant="primary", elem_id="segment-button")
         with gr.Column():
-            overlay = gr.Image(type="pil", label="Segmentation", interactive=False)
-            legend = gr.HTML(label="Classes present")
+            overlay = gr.Image(type="pil", label="Segmentation", interactive=False, elem_id="segment-overlay")
+            legend = gr.HTML(label="Classes present", elem_id="segment-legend")
     result = gr.State(time_to_live=RESULT_TTL_S)
     button.click(
         partial(segment, vision),
