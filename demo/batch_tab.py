@@ -1,0 +1,79 @@
+"""The Batch tab: many files in, one table row per file (top-1, confidence, top-k or the error), and a CSV.
+
+Its event is the app's `batch` API: files -> (table, CSV file). A file that is not a usable image becomes a
+row that says why, never a silent skip and never a failed request.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from demo.service import BatchRow, InferenceService
+from demo.ui import user_errors
+
+COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
+TOP_K = 5
+OUTPUT_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-batch"
+KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied them into its cache by then)
+
+
+def classify_files(service: InferenceService, files: list[str] | None) -> tuple[pd.DataFrame, str]:
+    """The table of predictions for `files` and the path of the same table as CSV."""
+    with user_errors():
+        rows = service.predict_batch([Path(file) for file in files or []], k=TOP_K)
+    table = to_table(rows)
+    return table, write_csv(table)
+
+
+def to_table(rows: list[BatchRow]) -> pd.DataFrame:
+    """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
+    return pd.DataFrame(
+        [[row.file, row.top1, row.confidence, row.top_k, row.error] for row in rows], columns=COLUMNS
+    )
+
+
+def write_csv(table: pd.DataFrame) -> str:
+    """Write `predictions.csv` in a fresh folder (a readable download name), pruning old folders."""
+    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+    for old in OUTPUT_ROOT.iterdir():
+        if time.time() - old.stat().st_mtime > KEEP_OUTPUTS_S:
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix="batch-", dir=OUTPUT_ROOT)) / "predictions.csv"
+    table.to_csv(path, index=False)
+    return str(path)
+
+
+def build(service: InferenceService) -> None:
+    """Create the tab's components and wire its `batch` event."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            files = gr.File(
+                label="Images (JPEG, PNG, WebP, BMP, GIF, TIFF)", file_count="multiple", elem_id="batch-files"
+            )
+            button = gr.Button("Classify all", variant="primary", elem_id="batch-button")
+            csv = gr.File(label="CSV", interactive=False, elem_id="batch-csv")
+        with gr.Column(scale=2):
+            table = gr.Dataframe(
+                headers=COLUMNS,
+                label=f"Predictions (top-{TOP_K})",
+                interactive=False,
+                wrap=True,
+                column_widths=["16%", "14%", "13%", "35%", "22%"],
+                max_height=900,
+                elem_id="batch-table",
+            )
+    button.click(
+        partial(classify_files, service),
+        inputs=files,
+        outputs=[table, csv],
+        api_name="batch",
+        concurrency_limit=1,
+        concurrency_id="batch",
+    )

@@ -1,0 +1,108 @@
+"""The Classify tab: one photo in (upload, webcam or clipboard), its top-k classes out, latency, a model card.
+
+Its event is the app's `classify` API: (image, k) -> label dict. Requests run up to the service's batch size
+at once, so visitors who arrive together share one forward pass (see `demo.batching`).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from demo.service import InferenceService, ModelInfo
+from demo.ui import image_source, user_errors
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+DEFAULT_K = 5
+MAX_K = 20
+IMAGE_SOURCES = ["upload", "webcam", "clipboard"]
+
+
+def example_images() -> list[str]:
+    """The real photos shipped under demo/examples/ (written by make_examples.py)."""
+    return [str(path) for path in sorted(EXAMPLES_DIR.glob("*.jpg"))]
+
+
+def classify(service: InferenceService, image: Any, k: float) -> tuple[dict[str, float], float]:
+    """Top-k `{label: prob}` for the `gr.Label`, and the seconds the request took on the server."""
+    with user_errors():
+        source, name = image_source(image)
+        start = time.perf_counter()
+        prediction = service.predict_topk(source, k, name=name)
+    return prediction.as_dict(), time.perf_counter() - start
+
+
+def describe_latency(latency_s: float | None) -> str:
+    """One line under the result: server time from upload to answer (decode, batch wait, inference)."""
+    if latency_s is None:
+        return ""
+    return f"Answered in **{latency_s * 1000:.0f} ms** on the server (decoding, batching and inference)."
+
+
+def model_card(info: ModelInfo) -> str:
+    """Markdown card of the served model: name, classes, where the weights came from, validation metrics."""
+    shown = ", ".join(info.labels[:8]) + (", ..." if len(info.labels) > 8 else "")
+    lines = [
+        f"**Model:** {info.name}",
+        f"**Architecture:** `{info.architecture}`, runtime: {info.runtime}",
+        f"**Classes ({len(info.labels)}):** {shown}",
+        f"**Weights:** `{info.weights_source}`",
+        f"**Loaded from:** {'this package (no run folder)' if info.source == 'embedded' else info.source}",
+    ]
+    metrics = _scalar_metrics(info.metrics)
+    if metrics:
+        lines.append("**Validation:** " + ", ".join(f"{key} {value}" for key, value in metrics.items()))
+    else:
+        lines.append("**Validation:** no metrics recorded for this model.")
+    return "  \n".join(lines)
+
+
+def build(service: InferenceService) -> None:
+    """Create the tab's components and wire its `classify` event."""
+    num_classes = len(service.labels)
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(
+                label="Photo", type="filepath", sources=IMAGE_SOURCES, height=360, elem_id="classify-image"
+            )
+            k = gr.Slider(
+                1,
+                min(MAX_K, num_classes),
+                value=min(DEFAULT_K, num_classes),
+                step=1,
+                label="Classes shown (k)",
+            )
+            button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+        with gr.Column():
+            label = gr.Label(label="Top classes", elem_id="classify-label")
+            latency = gr.Markdown(elem_id="classify-latency")
+            with gr.Accordion("About the model", open=True):
+                gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
+    gr.Examples(examples=example_images(), inputs=image, label="Example photos (scikit-image)")
+    latency_s = gr.State()
+    button.click(
+        partial(classify, service),
+        inputs=[image, k],
+        outputs=[label, latency_s],
+        api_name="classify",
+        preprocess=False,  # `open_image` decodes the upload, with clear messages for bad files
+        concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
+        concurrency_id="classify",
+    ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
+
+
+def _scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Numbers and words from a run's metrics, nested dicts flattened ("best.val_acc"); curves left out."""
+    flat: dict[str, str] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_scalar_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, float):
+            flat[f"{prefix}{key}"] = f"{value:.4g}"
+        elif isinstance(value, (int, str)):
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

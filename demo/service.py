@@ -1,0 +1,298 @@
+"""InferenceService: the app's models and everything it computes with them, with no Gradio in sight.
+
+The service holds one or more named runs (the embedded ImageNet model, a fine-tuned run folder, an
+`hf-hub:` run), one of them selected. Each request looks up the selected run once and uses it to the end,
+so swapping models under the lock never mixes two models in one answer. Classification goes through
+`finetune.inference.create_classifier` (whatever runtime it picks) behind a `MicroBatcher`, so concurrent
+visitors share forward passes; Grad-CAM works on a private copy of the model under its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from demo.batching import MicroBatcher
+from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_cam_model, view_scale
+from finetune.checkpoint import LoadedRun, load_default_run, load_run
+from finetune.errors import ConfigError, ImageError
+from finetune.images import ImageSource, open_image
+from finetune.inference import Classifier, Prediction, create_classifier, top_k
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "tf_efficientnet_lite0 (ImageNet)"
+MAX_BATCH_FILES = (
+    200  # files per Batch request; more is refused with a message rather than queued for minutes
+)
+FILE_CHUNK = 16  # files decoded at once in a batch request, which bounds memory for large photos
+_RUNTIME_NAMES = {"Classifier": "torch"}  # classifiers that do not name their runtime themselves
+MIN_IMAGE_SIDE = 4  # smaller images (1x1 tracking pixels, broken exports) carry nothing to classify
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the model card shows: identity, classes, provenance and validation metrics when known."""
+
+    name: str
+    architecture: str
+    labels: list[str]
+    weights_source: str
+    source: str  # run folder (an hf-hub run's cache folder) or "embedded"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"
+
+
+@dataclass
+class Explanation:
+    """Grad-CAM of one image: the class explained, the model's view of the image and the heatmaps."""
+
+    label: str
+    prob: float
+    view: Image.Image  # the crop the model saw, rendered for display
+    cam: np.ndarray  # single-scale map (H, W) in [0, 1]
+    multi_scale_cam: np.ndarray  # maps at `scales`, fused
+    scales: tuple[float, ...]
+    predicted: Prediction  # top-5 of the image, for the caption
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One line of the Batch table: a prediction, or the reason the file could not be classified."""
+
+    file: str
+    top1: str = ""
+    confidence: float | None = None
+    top_k: str = ""
+    error: str = ""
+
+
+class _Model:
+    """A loaded run with its classifier, its request batcher and (on first use) its Grad-CAM copy."""
+
+    def __init__(self, name: str, run: LoadedRun, runtime: str, max_batch_size: int) -> None:
+        self.name = name
+        self.run = run
+        self.runtime = runtime
+        self.classifier: Classifier = create_classifier(run, runtime)
+        self.batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
+            lambda images: list(self.classifier.predict_probs(images)),
+            max_batch_size=max_batch_size,
+            name=f"classify[{name}]",
+        )
+        self.cam_lock = threading.Lock()
+        self._cam_model = None
+
+    def cam_model(self) -> Any:
+        """The Grad-CAM copy, made on first use; callers hold `cam_lock`."""
+        if self._cam_model is None:
+            self._cam_model = prepare_cam_model(self.run.model)
+        return self._cam_model
+
+
+class InferenceService:
+    """Named runs, one selected, and the three things the app does with it: classify, explain, batch."""
+
+    def __init__(self, runtime: str = "auto", max_batch_size: int = 8) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self._models: dict[str, _Model] = {}
+        self._selected: str | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | None = None, runtime: str = "auto", max_batch_size: int = 8
+    ) -> InferenceService:
+        """Serve `checkpoint` (a run folder or `hf-hub:USER/NAME`), or the embedded ImageNet model."""
+        service = cls(runtime=runtime, max_batch_size=max_batch_size)
+        if checkpoint:
+            service.add_run(str(checkpoint), load_run(checkpoint))
+        else:
+            service.add_run(DEFAULT_NAME, load_default_run())
+        return service
+
+    def add_run(self, name: str, run: LoadedRun, select: bool = True) -> None:
+        """Serve `run` under `name` (replacing a run of that name); select it unless told otherwise."""
+        model = _Model(name, run, self.runtime, self.max_batch_size)
+        with self._lock:
+            old = self._models.pop(name, None)
+            self._models[name] = model
+            if select or self._selected is None:
+                self._selected = name
+        if old is not None:
+            old.batcher.close()
+        logger.info("Serving %s (%s, %d classes).", name, run.architecture, len(run.labels))
+
+    def select(self, name: str) -> None:
+        """Make `name` the model that new requests use; requests already running finish on their model."""
+        with self._lock:
+            if name not in self._models:
+                raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(self._models)}.")
+            self._selected = name
+
+    def available_models(self) -> list[str]:
+        """Names of the runs this service holds, in the order they were added."""
+        with self._lock:
+            return list(self._models)
+
+    @property
+    def selected(self) -> str:
+        return self._current().name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._current().run.labels)
+
+    def info(self) -> ModelInfo:
+        """The selected model's card."""
+        model = self._current()
+        run, studio = model.run, model.run.studio
+        return ModelInfo(
+            name=model.name,
+            architecture=run.architecture,
+            labels=list(run.labels),
+            weights_source=str(studio.get("weights_source", "unknown")),
+            source=str(run.run_dir) if run.run_dir is not None else "embedded",
+            metrics=dict(studio.get("metrics") or {}),
+            runtime=getattr(model.classifier, "runtime", None)
+            or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
+        )
+
+    def predict_topk(self, image: ImageSource, k: int | float = 5, name: str | None = None) -> Prediction:
+        """Top-k classes of one image; concurrent calls are batched into shared forward passes.
+
+        `name` is how the image is called in error messages (an upload's original file name).
+        """
+        model = self._current()
+        picture = self._open(model, image, name)
+        probs = model.batcher.submit(picture)
+        return top_k(probs[None, :], model.run.labels, _check_k(k))[0]
+
+    def explain(
+        self,
+        image: ImageSource,
+        target: str | None = None,
+        scales: Sequence[float] = MULTI_SCALES,
+        name: str | None = None,
+    ) -> Explanation:
+        """Grad-CAM of `target` (a class name; None or "" for the predicted one), single and multi-scale."""
+        model = self._current()
+        picture = self._open(model, image, name, scale=view_scale(model.run.data_config))
+        probs = model.classifier.predict_probs([picture])[0]
+        labels = model.run.labels
+        if target:
+            if target not in labels:
+                raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
+            index = labels.index(target)
+        else:
+            index = int(np.argmax(probs))
+        input_tensor = model.run.transform(picture)[None]
+        with model.cam_lock:
+            cams = compute_cams(model.cam_model(), input_tensor, index, scales)
+        return Explanation(
+            label=labels[index],
+            prob=float(probs[index]),
+            view=model_view(picture, model.run.data_config),
+            cam=cams[1.0],
+            multi_scale_cam=fuse_cams(cams),
+            scales=tuple(cams),
+            predicted=top_k(probs[None, :], labels, 5)[0],
+        )
+
+    def predict_batch(self, files: Sequence[str | Path], k: int = 5) -> list[BatchRow]:
+        """One row per file, in order: its top-k, or the reason it could not be read."""
+        if not files:
+            raise ImageError("no files to classify; upload one or more images.")
+        if len(files) > MAX_BATCH_FILES:
+            raise ConfigError(f"{len(files)} files in one batch; send at most {MAX_BATCH_FILES} at a time.")
+        model, k = self._current(), _check_k(k)
+        rows: list[BatchRow] = []
+        for start in range(0, len(files), FILE_CHUNK):
+            chunk = [Path(file) for file in files[start : start + FILE_CHUNK]]
+            pictures: dict[int, Image.Image] = {}
+            errors: dict[int, str] = {}
+            for index, path in enumerate(chunk):
+                try:
+                    pictures[index] = self._open(model, path, path.name)
+                except ImageError as error:
+                    errors[index] = str(error)
+            probs = model.classifier.predict_probs(list(pictures.values()))
+            predictions = (
+                dict(zip(pictures, top_k(probs, model.run.labels, k), strict=True)) if pictures else {}
+            )
+            for index, path in enumerate(chunk):
+                if index in errors:
+                    rows.append(BatchRow(file=path.name, error=errors[index]))
+                    continue
+                prediction = predictions[index]
+                rows.append(
+                    BatchRow(
+                        file=path.name,
+                        top1=prediction.label,
+                        confidence=round(prediction.prob, 4),
+                        top_k=", ".join(
+                            f"{label} ({prob:.1%})" for label, prob in prediction.as_dict().items()
+                        ),
+                    )
+                )
+        return rows
+
+    def close(self) -> None:
+        """Stop the batch workers (tests and app shutdown)."""
+        with self._lock:
+            models = list(self._models.values())
+        for model in models:
+            model.batcher.close()
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many forward passes of each size the selected model's batcher has run."""
+        return dict(self._current().batcher.batch_sizes)
+
+    def _current(self) -> _Model:
+        with self._lock:
+            if self._selected is None:
+                raise ConfigError("no model loaded; start the app with --checkpoint RUN_DIR or the default.")
+            return self._models[self._selected]
+
+    def _open(self, model: _Model, image: ImageSource, name: str | None, scale: float = 1.0) -> Image.Image:
+        """Open through `open_image`, decoding JPEGs only as large as the run's resize step needs."""
+        try:
+            picture = open_image(image, draft_size=_draft_size(model.run.data_config, scale))
+        except ImageError as error:
+            if name and isinstance(image, (str, Path)):  # uploads live under random cache paths
+                raise ImageError(str(error).replace(str(image), name)) from error
+            raise
+        if min(picture.size) < MIN_IMAGE_SIDE:
+            described = f"'{name}'" if name else "the image"
+            raise ImageError(
+                f"{described} is only {picture.width}x{picture.height} pixels, too small to classify; "
+                f"use an image at least {MIN_IMAGE_SIDE} pixels on each side."
+            )
+        return picture
+
+
+def _draft_size(data_config: dict[str, Any], scale: float) -> tuple[int, int]:
+    """The smallest decode that still covers the eval resize (input size / crop_pct), times `scale`."""
+    _, height, width = data_config["input_size"]
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    side = math.ceil(max(height, width) / crop_pct * scale)
+    return side, side
+
+
+def _check_k(k: Any) -> int:
+    try:
+        value = int(k)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"k must be a whole number of classes, got {k!r}.") from error
+    if value < 1:
+        raise ConfigError(f"k must be at least 1, got {value}.")
+    return value
