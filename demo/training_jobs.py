@@ -62,7 +62,7 @@ class JobStatus:
     run_id: str
     state: str  # queued | running | done | failed | cancelled
     version: int  # grows with every change; `wait()` returns when it passes the caller's
-    queue_position: int  # 1 = next to run, 0 when not waiting
+    queue_position: int  # trainings ahead of this one, the running one included; 0 when next or running
     classes: list[str]
     phase: str = ""  # "", decode, probe, finetune
     epoch: int = 0
@@ -440,13 +440,14 @@ class TrainingManager:
         return {rid for rid, job in self._jobs.items() if not job.status.is_finished}
 
     def _refresh_positions(self) -> None:
-        for position, run_id in enumerate(self._queue, start=1):
+        """Count, for each waiting job, the trainings ahead of it (a job about to be picked up has none)."""
+        first = 1 if self._running_id() else 0
+        for position, run_id in enumerate(self._queue, start=first):
             job = self._jobs[run_id]
             if job.status.queue_position != position:
                 ahead = "1 training" if position == 1 else f"{position} trainings"
-                job.update(
-                    queue_position=position, message=f"Waiting: {ahead} ahead (including the running one)"
-                )
+                message = f"Waiting: {ahead} ahead (the running one included)" if position else "Starting"
+                job.update(queue_position=position, message=message)
 
     def _forget_old_jobs(self) -> None:
         with self._condition:

@@ -47,6 +47,7 @@ def test_a_job_trains_reports_progress_and_hands_over_its_model(tmp_path: Path) 
         data = dataset(tmp_path)
         run_id = manager.submit(data, ["cat", "coffee"], TrainOptions(model=TINY_MODEL, epochs=2))
         assert run_id.endswith("-cat-coffee")
+        assert manager.status(run_id).queue_position == 0  # nothing ahead: it starts at once
         seen, version = [], -1
         while True:
             status = manager.wait(run_id, version, timeout_s=TIMEOUT_S)
@@ -86,6 +87,7 @@ def test_queue_positions_and_cancel_keep_the_best_checkpoint(tmp_path: Path) -> 
         second = manager.submit(dataset(tmp_path, "b"), ["cat", "coffee"], long)
         third = manager.submit(dataset(tmp_path, "c"), ["cat", "coffee"], long)
         assert (manager.status(second).state, manager.status(second).queue_position) == (QUEUED, 1)
+        assert manager.status(second).message == "Waiting: 1 training ahead (the running one included)"
         assert manager.status(third).queue_position == 2
         with pytest.raises(StudioError, match="training queue is full"):
             manager.submit(dataset(tmp_path, "d"), ["cat", "coffee"], long)
