@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MODEL
 from train_data import write_photo_classes
 
-from demo.training_jobs import CANCELLED, DONE, QUEUED, RUNNING, TrainingManager, TrainOptions
+from demo.training_jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TrainingManager, TrainOptions
 from finetune.checkpoint import load_run
 from finetune.errors import ConfigError, StudioError
 
@@ -107,6 +107,26 @@ def test_queue_positions_and_cancel_keep_the_best_checkpoint(tmp_path: Path) -> 
         assert manager.status(third).queue_position == 0
         manager.cancel(third)
         assert manager.wait_until_finished(third, timeout_s=TIMEOUT_S).state == CANCELLED
+    finally:
+        manager.close()
+
+
+def test_the_time_budget_stops_a_long_run(tmp_path: Path) -> None:
+    manager = manager_for(tmp_path)
+    try:
+        options = TrainOptions(model=TINY_MODEL, strategy="lp-ft", epochs=500, time_budget_s=2)
+        run_id = manager.submit(dataset(tmp_path), ["cat", "coffee"], options)
+        status = manager.wait_until_finished(run_id, timeout_s=TIMEOUT_S)
+        assert status.elapsed_s < 60, status  # 500 epochs would take many minutes
+        if status.state == DONE:  # stopped after the probe checkpoint: kept, with what it reached
+            assert status.message == "Stopped at the time budget; the best checkpoint so far is kept"
+            assert status.metrics["interrupted"] is True and status.metrics["epochs_run"] < 500
+        else:  # a slow machine spent the 2 s before the first checkpoint
+            assert (
+                status.state == FAILED
+                and "time budget (2 s) ran out before the first checkpoint" in status.error
+            )
+            assert not (manager.runs_dir / run_id).exists()
     finally:
         manager.close()
 
