@@ -5,8 +5,8 @@ worker runs queued jobs first come, first served, each into `DATA_DIR/runs/<run_
 `TrainEvent` callbacks become progress snapshots (`JobStatus`) that the Train tab polls or waits on, and
 Cancel is the engine's `should_stop` callback, so a cancelled run ends at a batch edge with its best
 checkpoint saved. When a job leaves a model, `on_model_ready(run_id, run_dir)` lets the app serve it right
-away. Disk use is bounded: uploaded datasets, decoded caches and resumable states are deleted when a job
-ends, and the oldest runs are pruned past a count and a byte limit. No Gradio here: tests drive it directly.
+away. Disk use is bounded: a job's uploaded dataset is deleted when it ends, and `RunStore` strips and prunes
+the run folders. No Gradio here: tests drive it directly.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import re
 import shutil
 import threading
 import time
-import zipfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import CONFIG_FILE, STATE_META_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, atomic_write
+from demo.run_store import RunStore, has_model
 from finetune.config import TrainConfig
 from finetune.distributed import DistContext, resolve_device
 from finetune.engine import TrainEvent
@@ -36,8 +35,6 @@ logger = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED_STATES = (DONE, FAILED, CANCELLED)
 TEST_MODELS = ("test_efficientnet", "test_vit")  # timm's tiny random-init models, for tests and demos only
-CACHE_DIR = ".cache"
-NOT_EXPORTED = (CACHE_DIR, STATE_META_FILE, STATE_TENSORS_FILE)  # machine-local, never in a download
 MAX_TIME_BUDGET_S = 6 * 3600  # one visitor cannot hold the only training slot for longer
 KEEP_FINISHED_JOBS = 100  # status records of ended jobs kept in memory (their folders follow the run limits)
 
@@ -123,12 +120,13 @@ class TrainingManager:
         on_model_ready: called with (run_id, run_dir) when a job leaves a model, before it reports done.
         on_run_removed: called with the run id of every run folder that pruning deletes.
         """
-        if max_runs < 1 or max_run_bytes < 1 or max_queued < 0:
-            raise ConfigError("max_runs and max_run_bytes must be positive and max_queued at least 0.")
+        if max_queued < 0:
+            raise ConfigError(f"max_queued must be at least 0, got {max_queued}.")
         self.data_dir = Path(data_dir)
-        self.runs_dir = self.data_dir / "runs"
+        self.runs = RunStore(self.data_dir / "runs", max_runs, max_run_bytes)
+        self.runs_dir = self.runs.runs_dir
         self.datasets_dir = self.data_dir / "datasets"
-        self.max_runs, self.max_run_bytes, self.max_queued = max_runs, max_run_bytes, max_queued
+        self.max_queued = max_queued
         self.allow_test_models = allow_test_models
         self.train_overrides = dict(train_overrides or {})
         self.on_model_ready = on_model_ready
@@ -137,8 +135,8 @@ class TrainingManager:
         self._queue: deque[str] = deque()
         self._condition = threading.Condition()
         self._closing = False
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._clean_leftovers()
+        shutil.rmtree(self.datasets_dir, ignore_errors=True)  # uploads of jobs a restart forgot
+        self.runs.clean_leftovers()
         self.prune()
         self._worker = threading.Thread(target=self._work, name="training-worker", daemon=True)
         self._worker.start()
@@ -221,45 +219,25 @@ class TrainingManager:
             return job.status
 
     def existing_runs(self) -> list[Path]:
-        """Run folders under `runs/` with a model and config, oldest first: the app serves them on start."""
+        """Run folders with a model, oldest first, not counting runs in progress: the app serves them."""
         with self._condition:
             active = self._active_ids()
-        return [path for path in self._run_dirs() if path.name not in active and _has_model(path)]
+        return self.runs.finished_runs(active)
 
     def zip_run(self, run_id: str, out_dir: Path) -> Path:
-        """`out_dir/<run_id>.zip` of the run folder, without the decoded cache and the resumable state."""
-        run_dir = self._finished_run_dir(run_id)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"{run_id}.zip"
-
-        def write(tmp: Path) -> None:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-                for path in sorted(run_dir.rglob("*")):
-                    relative = path.relative_to(run_dir)
-                    if path.is_symlink() or not path.is_file() or relative.parts[0] in NOT_EXPORTED:
-                        continue
-                    archive.write(path, f"{run_id}/{relative.as_posix()}")
-
-        atomic_write(target, write)
-        return target
-
-    def prune(self) -> list[str]:
-        """Delete the oldest run folders past `max_runs` or `max_run_bytes`; never a queued or running one."""
+        """`out_dir/<run_id>.zip` of a finished run folder, without its cache and resumable state."""
         with self._condition:
             active = self._active_ids()
-        runs = [path for path in self._run_dirs() if path.name not in active]
-        sizes = {path: _folder_bytes(path) for path in runs}
-        removed = []
-        total = sum(sizes.values())
-        for path in runs:  # oldest first
-            if len(runs) - len(removed) <= self.max_runs and total <= self.max_run_bytes:
-                break
-            shutil.rmtree(path, ignore_errors=True)
-            total -= sizes[path]
-            removed.append(path.name)
-            logger.info("Pruned run %s to stay within the run limits.", path.name)
-            if self.on_run_removed is not None:
-                self.on_run_removed(path.name)
+        return self.runs.zip_run(run_id, out_dir, active)
+
+    def prune(self) -> list[str]:
+        """Delete the oldest runs past the store's limits (never one in progress); tell `on_run_removed`."""
+        with self._condition:
+            active = self._active_ids()
+        removed = self.runs.prune(active)
+        if self.on_run_removed is not None:
+            for run_id in removed:
+                self.on_run_removed(run_id)
         return removed
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -326,7 +304,8 @@ class TrainingManager:
                 FAILED,
                 f"training failed unexpectedly ({type(failure).__name__}: {failure})",
             )
-        self._clean_up(job, keep_run=state != FAILED and result is not None and bool(result.metrics))
+        shutil.rmtree(job.dataset_dir, ignore_errors=True)
+        self.runs.finish(run_id, keep=state != FAILED and result is not None and bool(result.metrics))
         with self._condition:
             changes: dict[str, Any] = {"state": state, "error": error, "message": _final_message(state, job)}
             if result is not None and result.metrics:
@@ -385,38 +364,6 @@ class TrainingManager:
             **self.train_overrides,
         }
         return TrainConfig(**values)
-
-    def _clean_up(self, job: _Job, keep_run: bool) -> None:
-        """Free the disk a job no longer needs; app runs are not resumable, so their state goes too."""
-        shutil.rmtree(job.dataset_dir, ignore_errors=True)
-        run_dir = job.config.out
-        if not keep_run:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            return
-        _remove_machine_files(run_dir)
-
-    def _clean_leftovers(self) -> None:
-        """After a crash or restart: uploaded datasets and caches of runs that will never resume."""
-        shutil.rmtree(self.datasets_dir, ignore_errors=True)
-        for path in self._run_dirs():
-            if _has_model(path):
-                _remove_machine_files(path)
-            else:
-                shutil.rmtree(path, ignore_errors=True)  # a run that crashed before its first checkpoint
-
-    def _run_dirs(self) -> list[Path]:
-        """Run folders, oldest first (by the time their config was last written)."""
-        folders = [path for path in self.runs_dir.iterdir() if path.is_dir() and not path.is_symlink()]
-        return sorted(folders, key=lambda path: (_written_at(path), path.name))
-
-    def _finished_run_dir(self, run_id: str) -> Path:
-        path = self.runs_dir / run_id
-        with self._condition:
-            job = self._jobs.get(run_id)
-            is_active = job is not None and not job.status.is_finished
-        if is_active or not _is_plain_name(run_id) or not _has_model(path):
-            raise ConfigError(f"no finished run '{run_id}'; train one first or pick one from the list.")
-        return path
 
     def _new_run_id(self, classes: list[str]) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", "-".join(classes).lower()).strip("-")[:32].strip("-") or "run"
@@ -484,30 +431,7 @@ def _nothing_saved(job: _Job) -> tuple[str, str]:
 
 def _final_message(state: str, job: _Job) -> str:
     if state == CANCELLED:
-        return "Cancelled" + ("; the best checkpoint so far is kept" if _has_model(job.config.out) else "")
+        return "Cancelled" + ("; the best checkpoint so far is kept" if has_model(job.config.out) else "")
     if state == DONE and job.timed_out:
         return "Stopped at the time budget; the best checkpoint so far is kept"
     return {DONE: "Finished", FAILED: "Failed"}.get(state, state)
-
-
-def _remove_machine_files(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / CACHE_DIR, ignore_errors=True)
-    for name in (STATE_META_FILE, STATE_TENSORS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-
-
-def _has_model(run_dir: Path) -> bool:
-    return (run_dir / CONFIG_FILE).is_file() and (run_dir / WEIGHTS_FILE).is_file()
-
-
-def _written_at(run_dir: Path) -> float:
-    config = run_dir / CONFIG_FILE
-    return (config if config.is_file() else run_dir).stat().st_mtime
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file() and not item.is_symlink())
-
-
-def _is_plain_name(run_id: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id)) and ".." not in run_id

@@ -177,7 +177,7 @@ def test_start_cleans_leftovers_and_prunes_the_oldest_runs(tmp_path: Path, untra
             not (runs / "newest" / ".cache").exists() and not (runs / "newest" / "train_state.json").exists()
         )
         run_bytes = sum(p.stat().st_size for p in (runs / "newest").rglob("*") if p.is_file())
-        manager.max_run_bytes = 2 * run_bytes
+        manager.runs.max_bytes = 2 * run_bytes
         assert manager.prune() == ["older"]
         assert [path.name for path in manager.existing_runs()] == ["newer", "newest"]
         assert removed == ["oldest", "older"]
