@@ -6,6 +6,7 @@ engine's whole path runs in seconds; one slow test trains the real default model
 
 from __future__ import annotations
 
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator
@@ -142,6 +143,46 @@ def test_typed_class_names_with_uploads_train_through_the_tab_handlers(served, t
     assert run_id in service.available_models()
     with pytest.raises(gr.Error, match="at least 2 class names"):
         train_tab.collect_classes(CLASSES_SOURCE, "cat", *uploads)
+
+
+def test_runs_already_in_the_data_folder_are_served_on_start(
+    tmp_path: Path, untrained_run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runs = tmp_path / "studio-data" / "runs"
+    shutil.copytree(untrained_run_dir, runs / "earlier-run")
+    shutil.copytree(untrained_run_dir, runs / "damaged-run")
+    (runs / "damaged-run" / "config.json").write_text("{not json")
+    service = InferenceService(runtime="torch")
+    manager = TrainingManager(tmp_path / "studio-data")
+    try:
+        serve_trained_runs(manager, service)
+        assert service.available_models() == ["earlier-run"]
+        assert service.selected == "earlier-run"  # the service had no model yet, so the first one is used
+        assert "Not serving run damaged-run" in caplog.text
+        shutil.rmtree(runs / "damaged-run")
+        shutil.copytree(untrained_run_dir, runs / "later-run")
+        (runs / "later-run" / "config.json").touch()  # written after the earlier run's
+        serve_trained_runs(manager, service)
+        manager.runs.max_runs = 1
+        assert manager.prune() == ["earlier-run"]  # pruned runs stop being served; the selection moves on
+        assert service.available_models() == ["later-run"] and service.selected == "later-run"
+    finally:
+        manager.close()
+        service.close()
+
+
+def test_app_flags_choose_the_data_folder_and_the_run_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = app.get_parser().parse_args([])
+    assert (args.data_dir, args.max_runs, args.max_runs_gb, args.no_train) == (
+        Path("studio-data"),
+        20,
+        5.0,
+        False,
+    )
+    monkeypatch.setenv("STUDIO_DATA_DIR", "/srv/studio")
+    monkeypatch.setenv("TRAIN_TAB", "off")
+    args = app.get_parser().parse_args(["--max-runs", "3"])
+    assert (args.data_dir, args.max_runs, args.no_train) == (Path("/srv/studio"), 3, True)
 
 
 def write_zip(path: Path, entries: dict[str, bytes], symlink: str | None = None) -> Path:
