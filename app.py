@@ -16,10 +16,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from demo import batch_tab, classify_tab, explain_tab, model_picker, train_tab
+from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
 from demo.model_picker import ModelView
 from demo.service import InferenceService
 from demo.training_jobs import TrainingManager
+from demo.vision_tasks import VisionService
+from demo.vision_weights import VisionConfig
 from finetune.errors import StudioError
 from finetune.inference import RUNTIMES
 
@@ -29,6 +31,11 @@ TABS: list[tuple[str, Callable[[InferenceService], list[ModelView] | None]]] = [
     ("Classify", classify_tab.build),
     ("Explain", explain_tab.build),
     ("Batch", batch_tab.build),
+]
+# Optional torchvision tabs, built on the VisionService (turned off by --no-vision or VISION_TABS=off).
+VISION_TABS: list[tuple[str, Callable[[VisionService], None]]] = [
+    ("Detect", detect_tab.build),
+    ("Segment", segment_tab.build),
 ]
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused by Gradio before they reach the app
 QUEUE_MAX_SIZE = 64  # waiting requests beyond this get "queue full" instead of an ever longer wait
@@ -40,7 +47,9 @@ INTRO = (
 )
 
 
-def build_app(service: InferenceService, trainer: TrainingManager | None = None) -> gr.Blocks:
+def build_app(
+    service: InferenceService, vision: VisionService | None = None, trainer: TrainingManager | None = None
+) -> gr.Blocks:
     """The whole app as a `gr.Blocks`, with its queue configured; tests launch it on 127.0.0.1.
 
     With a `trainer` the Train tab is added; `create_trainer` also makes the service serve its runs.
@@ -55,6 +64,10 @@ def build_app(service: InferenceService, trainer: TrainingManager | None = None)
         if trainer is not None:
             with gr.Tab("Train"):
                 train_tab.build(service, trainer, model_menu)
+        if vision is not None and vision.is_enabled:
+            for title, build_vision in VISION_TABS:
+                with gr.Tab(title):
+                    build_vision(vision)
         model_picker.connect(demo, service, model_menu, views)
     return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
 
@@ -119,6 +132,24 @@ def get_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default=None, help="address to bind (default: Gradio's, 127.0.0.1)")
     server.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    vision = parser.add_argument_group("detection and segmentation tabs")
+    vision.add_argument(
+        "--no-vision", action="store_true", help="leave out the Detect and Segment tabs (env VISION_TABS=off)"
+    )
+    vision.add_argument(
+        "--vision-weights-dir",
+        type=Path,
+        help="folder with torchvision weight files under their official names (env VISION_WEIGHTS_DIR; "
+        "default: the torch hub cache)",
+    )
+    vision.add_argument(
+        "--detector-weights", type=Path, help="detector .pth/.safetensors file (env VISION_DETECTOR_WEIGHTS)"
+    )
+    vision.add_argument(
+        "--segmenter-weights",
+        type=Path,
+        help="segmenter .pth/.safetensors file (env VISION_SEGMENTER_WEIGHTS)",
+    )
     return parser
 
 
@@ -134,6 +165,17 @@ def create_trainer(args: argparse.Namespace, service: InferenceService) -> Train
     return trainer
 
 
+def create_vision_service(args: argparse.Namespace) -> VisionService:
+    """The Detect/Segment service from flags, which win over the VISION_* environment variables."""
+    config = VisionConfig.from_env(
+        is_enabled=False if args.no_vision else None,
+        weights_dir=args.vision_weights_dir,
+        detector_weights=args.detector_weights,
+        segmenter_weights=args.segmenter_weights,
+    )
+    return VisionService(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    launch(build_app(service, trainer), host=args.host, port=args.port, share=args.share)
+    launch(
+        build_app(service, create_vision_service(args), trainer),
+        host=args.host,
+        port=args.port,
+        share=args.share,
+    )
     return 0
 
 

@@ -8,8 +8,6 @@ clear `ImageError` instead of failing inside gradio's own image decoding with a 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import tempfile
@@ -20,9 +18,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from demo.ui import image_source, user_errors
 from demo.vision_tasks import DetectionResult, VisionService, WeightsStatus
 from finetune.checkpoint import write_json
-from finetune.errors import ImageError, StudioError
 from finetune.images import ImageSource
 
 DEFAULT_THRESHOLD = 0.5
@@ -34,18 +32,27 @@ _DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
 
 def build(vision: VisionService) -> None:
     """Create the tab's components and wire its events; called inside `with gr.Tab(...)` by app.py."""
-    gr.Markdown(status_markdown(vision.weights_status("detector")))
+    gr.Markdown(status_markdown(vision.weights_status("detector")), elem_id="detect-status")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", image_mode=None, label="Image")
+            image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="detect-image")
             threshold = gr.Slider(
-                vision.min_score, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Score threshold"
+                vision.min_score,
+                1.0,
+                value=DEFAULT_THRESHOLD,
+                step=0.01,
+                label="Score threshold",
+                elem_id="detect-threshold",
             )
-            button = gr.Button("Detect objects", variant="primary")
+            button = gr.Button("Detect objects", variant="primary", elem_id="detect-button")
         with gr.Column():
-            annotated = gr.Image(type="pil", label="Detections", interactive=False)
-            table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections", interactive=False)
-            download = gr.File(label="Detections as JSON", interactive=False)
+            annotated = gr.Image(
+                type="pil", label="Detections", interactive=False, elem_id="detect-annotated"
+            )
+            table = gr.Dataframe(
+                headers=TABLE_HEADERS, label="Detections", interactive=False, elem_id="detect-table"
+            )
+            download = gr.File(label="Detections as JSON", interactive=False, elem_id="detect-json")
     result = gr.State(time_to_live=RESULT_TTL_S)
     outputs = [annotated, table, download, result]
     button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)
@@ -58,10 +65,8 @@ def detect(
     vision: VisionService, image: ImageSource | dict[str, Any] | None, threshold: float
 ) -> tuple[Image.Image, list[list[Any]], str, DetectionResult]:
     """Run the detector: annotated image, table rows, JSON file path, and the result kept for the slider."""
-    try:
-        return _outputs(vision.detect(upload_source(image), threshold))
-    except StudioError as error:
-        raise _to_gr_error(error) from error
+    with user_errors():
+        return _outputs(vision.detect(image_source(image)[0], threshold))
 
 
 def rethreshold(
@@ -70,31 +75,8 @@ def rethreshold(
     """Re-filter the last result at a new threshold without running the model; before any run, skip."""
     if result is None:
         return gr.skip()
-    try:
+    with user_errors():
         return _outputs(result.with_threshold(threshold))
-    except StudioError as error:
-        raise _to_gr_error(error) from error
-
-
-def upload_source(value: ImageSource | dict[str, Any] | None) -> ImageSource:
-    """The image an Image input holds: a path or PIL image, or gradio's raw payload (`{"path": ...}`, or a
-    `data:` URL from the webcam or clipboard) since our events skip gradio's preprocessing."""
-    if isinstance(value, dict):
-        url = value.get("url") or ""
-        if value.get("path"):
-            value = value["path"]
-        elif url.startswith("data:") and "," in url:
-            try:
-                value = base64.b64decode(url.split(",", 1)[1])
-            except binascii.Error as error:
-                raise ImageError(
-                    "the pasted image is not valid base64 data; upload the file instead."
-                ) from error
-        else:
-            value = None
-    if value is None:
-        raise ImageError("no image yet: upload, paste or capture an image first.")
-    return value
 
 
 def table_rows(result: DetectionResult) -> list[list[Any]]:
@@ -139,8 +121,3 @@ def _modified_time(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:  # another request pruned it first
         return 0.0
-
-
-def _to_gr_error(error: StudioError) -> gr.Error:
-    # TODO(lead): use the shared StudioError->gr.Error helper after merge
-    return gr.Error(str(error), print_exception=False)

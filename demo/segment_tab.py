@@ -14,9 +14,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from demo.detect_tab import upload_source
+from demo.ui import image_source, user_errors
 from demo.vision_tasks import SegmentationResult, VisionService, WeightsStatus
-from finetune.errors import StudioError
 from finetune.images import ImageSource
 
 DEFAULT_OPACITY = 0.6
@@ -25,15 +24,17 @@ RESULT_TTL_S = 900  # the last result (the input and its mask) is freed 15 minut
 
 def build(vision: VisionService) -> None:
     """Create the tab's components and wire its events; called inside `with gr.Tab(...)` by app.py."""
-    gr.Markdown(status_markdown(vision.weights_status("segmenter")))
+    gr.Markdown(status_markdown(vision.weights_status("segmenter")), elem_id="segment-status")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", image_mode=None, label="Image")
-            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Mask opacity")
-            button = gr.Button("Segment", variant="primary")
+            image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="segment-image")
+            opacity = gr.Slider(
+                0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Mask opacity", elem_id="segment-opacity"
+            )
+            button = gr.Button("Segment", variant="primary", elem_id="segment-button")
         with gr.Column():
-            overlay = gr.Image(type="pil", label="Segmentation", interactive=False)
-            legend = gr.HTML(label="Classes present")
+            overlay = gr.Image(type="pil", label="Segmentation", interactive=False, elem_id="segment-overlay")
+            legend = gr.HTML(label="Classes present", elem_id="segment-legend")
     result = gr.State(time_to_live=RESULT_TTL_S)
     button.click(
         partial(segment, vision),
@@ -51,21 +52,17 @@ def segment(
     vision: VisionService, image: ImageSource | dict[str, Any] | None, opacity: float
 ) -> tuple[Image.Image, str, SegmentationResult]:
     """Run the segmenter: overlay, legend HTML, and the result kept for the opacity slider."""
-    try:
-        result = vision.segment(upload_source(image))
+    with user_errors():
+        result = vision.segment(image_source(image)[0])
         return result.overlay(opacity), legend_html(result), result
-    except StudioError as error:
-        raise _to_gr_error(error) from error
 
 
 def recolor(result: SegmentationResult | None, opacity: float) -> Image.Image | Any:
     """Redraw the last mask at a new opacity; nothing to do before a run."""
     if result is None:
         return gr.skip()
-    try:
+    with user_errors():
         return result.overlay(opacity)
-    except StudioError as error:
-        raise _to_gr_error(error) from error
 
 
 def legend_html(result: SegmentationResult) -> str:
@@ -84,8 +81,3 @@ def status_markdown(status: WeightsStatus) -> str:
     if status.is_available:
         return f"Colours every pixel by class (the 20 PASCAL VOC classes). {status.message}"
     return f"**Segmentation is unavailable:** {status.message}"
-
-
-def _to_gr_error(error: StudioError) -> gr.Error:
-    # TODO(lead): use the shared StudioError->gr.Error helper after merge
-    return gr.Error(str(error), print_exception=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from finetune.errors import ImageError, StudioError
 from finetune.images import ImageSource
@@ -42,8 +43,10 @@ def image_source(payload: Any) -> tuple[ImageSource, str]:
 
     `payload` is what an image input gives with `preprocess=False`: Gradio's file dict (a path in its
     upload cache plus the original name), a data URL (images sent inline by older clients), or a plain
-    path when a handler is called directly.
+    path or PIL image when a handler is called directly.
     """
+    if isinstance(payload, Image.Image):
+        return payload, "the image"
     if payload is None or payload == "":
         raise ImageError("no image; upload a photo, paste one or take one with the webcam first.")
     if isinstance(payload, dict):

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from finetune.cli import EXIT_INTERRUPTED, configure_logging, run_cli
 from finetune.config import BALANCE_MODES, DEVICES, PRECISIONS, STRATEGIES, TrainConfig
 from finetune.engine import TrainEvent
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+EXIT_COLLECTIVE_FAILED = 1
 
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -182,46 +186,76 @@ def tqdm_write(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+@record  # under torchrun, a crash (a bug, out of memory) is shown in torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    configure_logging(args.quiet)
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun; only rank 0 logs progress
+    configure_logging(args.quiet or not is_main_process)
     return run_cli(lambda: _train(args))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from finetune.distributed import init_distributed, shutdown_distributed
+    from finetune.distributed import init_distributed, is_collective_failure, shutdown_distributed
     from finetune.trainer import fine_tune
 
     config = config_from_args(args)
     stop_requested = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop_requested.is_set():
+        if stop_requested.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         stop_requested.set()
-        tqdm_write("Stopping after this batch (Ctrl-C again to abort)...")
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun signals every process; one notice is enough
+            tqdm_write("Stopping after this batch (Ctrl-C again to abort)...")
 
-    signal.signal(signal.SIGINT, request_stop)
+    # Ctrl-C, and SIGTERM (sent by torchrun to every process when one fails, or by a job scheduler), only
+    # request a stop at the next batch edge: a file being saved is never cut short, and if another process
+    # is gone the next collective fails at once, with the message below.
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     dist = init_distributed(config.device)
     try:
         bars = ProgressBars(enabled=not config.quiet and dist.is_main)
         result = fine_tune(config, bars, stop_requested.is_set, dist, resume=args.resume is not None)
         bars.close()
+    except Exception as error:
+        if not (dist.is_distributed and is_collective_failure(error)):
+            raise
+        # a peer died or hung: its own error is the one to read, not this process's broken collective
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:200]
+        print(
+            f"error: rank {dist.rank} of {dist.world_size} stopped because another process of the job failed "
+            f"or stopped answering ({reason}). That process's own error is above and in torchrun's summary; "
+            f"{_what_is_kept(config.out, dist.world_size)}",
+            file=sys.stderr,
+        )
+        return EXIT_COLLECTIVE_FAILED
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutdown_distributed()
     if dist.is_main:
-        _print_summary(result)
+        _print_summary(result, dist.world_size)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
-def _print_summary(result: Any) -> None:
+def _what_is_kept(run_dir: Path, world_size: int) -> str:
+    """After a failure: checkpoints are written atomically, so what the run folder holds still loads."""
+    from finetune.checkpoint import STATE_META_FILE
+    from finetune.distributed import resume_command
+
+    if not (run_dir / STATE_META_FILE).exists():
+        return f"nothing was saved in {run_dir} yet."
+    return f"the last checkpoint in {run_dir} is intact; continue with: {resume_command(run_dir, world_size)}"
+
+
+def _print_summary(result: Any, world_size: int = 1) -> None:
+    from finetune.distributed import resume_command
+
     metrics = result.metrics
     if result.interrupted:
         kept = f"best so far (val top-1 {metrics['val_top1']:.4f}) kept" if metrics else "no checkpoint yet"
         print(
-            f"Interrupted: {kept}. Continue with: python -m finetune --resume {result.run_dir}",
+            f"Interrupted: {kept}. Continue with: {resume_command(result.run_dir, world_size)}",
             file=sys.stderr,
         )
     if metrics:

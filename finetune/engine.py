@@ -108,19 +108,26 @@ def extract_features(
     precision: Precision,
     batch_size: int = 64,
     on_step: Callable[[int, int], None] | None = None,
+    dist: DistContext | None = None,
 ) -> torch.Tensor:
-    """Pooled backbone features (pre-logits) of every cached image, for the linear probe."""
+    """Pooled backbone features (pre-logits) of every cached image, for the linear probe.
+
+    Distributed, each process extracts only its share and the shares are gathered, so every process ends
+    with the features of the whole set at 1/world_size of the cost.
+    """
+    dist = dist or DistContext(device=precision.device)
     model.eval()
     features = []
-    steps = -(-len(data) // batch_size)
-    for step, start in enumerate(range(0, len(data), batch_size), start=1):
-        pixels = to_device(data.pixels[start : start + batch_size], precision.device)
+    share = dist.share(len(data))
+    steps = -(-len(share) // batch_size)
+    for step, index in enumerate(torch.split(share, batch_size), start=1):
+        pixels = to_device(data.pixels[index], precision.device)
         with precision.autocast():
             pooled = model.forward_head(model.forward_features(normalize(pixels, mean, std)), pre_logits=True)
         features.append(pooled.float().cpu())
         if on_step is not None:
             on_step(step, steps)
-    return torch.cat(features)
+    return dist.all_gather_rows(torch.cat(features), len(data))
 
 
 def fit_linear_probe(
@@ -184,8 +191,11 @@ def train_one_epoch(
     """One pass over this rank's shard; returns (train metrics, updates done so far, was it stopped early)."""
     model.train()
     _keep_norms_in_eval(model, every_norm=freeze_bn)
-    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
-    torch.manual_seed(seed * 7919 + epoch)  # dropout / drop-path repeat on resume
+    # Seeded per epoch so a resumed run repeats its epochs; per rank too, or every process would draw the same
+    # augmentations and dropout masks for its images (rank 0 keeps the stream of a one-process run).
+    epoch_seed = seed * 7919 + epoch + dist.rank * 1_000_003
+    generator = torch.Generator().manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed)  # dropout / drop-path repeat on resume
     shard = list(
         iterate_batches(
             data,

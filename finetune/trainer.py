@@ -25,7 +25,14 @@ from timm.utils import ModelEmaV3
 
 from finetune import checkpoint, reports
 from finetune.config import TrainConfig
-from finetune.data import CachedImages, build_cache, scan_dataset, suggest_image_size, write_bad_files
+from finetune.data import (
+    CachedImages,
+    batches,
+    build_cache,
+    scan_dataset,
+    suggest_image_size,
+    write_bad_files,
+)
 from finetune.distributed import DistContext, init_distributed
 from finetune.engine import (
     EvalResult,
@@ -108,8 +115,9 @@ def fine_tune(
         if state.get("finished"):
             emit(TrainEvent("status", message="This run already finished; nothing to resume."))
             return _finished_result(config, state)
-    elif dist.is_main:
+    else:  # on every process (rank 0 writes nothing before they all meet), so all of them stop with the error
         _check_new_run_dir(config.out)
+    _check_batch_split(config.batch_size, dist.world_size)
     run = _prepare(config, dist, emit, stop)
     if state is not None:
         _restore(run, state)
@@ -213,6 +221,16 @@ def _check_new_run_dir(out: Path) -> None:
         )
 
 
+def _check_batch_split(batch_size: int, world_size: int) -> None:
+    """--batch-size is the global batch: each of the processes takes an equal part of it."""
+    if batch_size % world_size:
+        nearest = max(1, round(batch_size / world_size)) * world_size
+        raise ConfigError(
+            f"--batch-size {batch_size} (the global batch) does not split evenly over {world_size} "
+            f"processes; use a multiple of {world_size}, such as {nearest}."
+        )
+
+
 def _set_balance(run: _Run, counts: np.ndarray) -> None:
     mode = run.config.balance
     ratio = counts.max() / max(counts.min(), 1)
@@ -246,16 +264,19 @@ def _linear_probe(run: _Run) -> bool:
         run.emit(TrainEvent("step", phase="probe", step=step, steps=steps))
 
     train_features = extract_features(
-        run.model, run.train, run.mean, run.std, run.precision, on_step=progress
+        run.model, run.train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist
     )
-    forward_s_per_image = (time.perf_counter() - started) / max(len(run.train), 1)
-    val_features = extract_features(run.model, run.val, run.mean, run.std, run.precision)
-    if run.should_stop():
+    share = -(-len(run.train) // run.dist.world_size)  # images each process extracted
+    forward_s_per_image = (time.perf_counter() - started) / max(share, 1)
+    val_features = extract_features(run.model, run.val, run.mean, run.std, run.precision, dist=run.dist)
+    if run.dist.any_true(run.should_stop()):
         return True
     head = fit_linear_probe(
         train_features, run.train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
         run.config.seed,
     )  # fmt: skip
+    # Same features and seed give the same head everywhere; rank 0's copy makes it exact across machines.
+    run.dist.broadcast_([head.weight, head.bias])
     classifier = run.model.get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(head.weight)
@@ -282,7 +303,11 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
         layer_decay=config.layer_decay if config.layer_decay < 1 else None,
     )  # fmt: skip
-    steps_per_epoch = max(1, len(run.train) // config.batch_size)
+    rank_batch = config.batch_size // run.dist.world_size
+    # the updates train_one_epoch really makes (about len(train) / batch_size whatever the world size)
+    steps_per_epoch = sum(
+        1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
+    )
     epochs = state["epochs"] if state else _choose_epochs(run, steps_per_epoch)
     if epochs <= 0:
         return False
@@ -309,13 +334,16 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
 
         train_metrics, num_updates, stopped = train_one_epoch(
             ddp_model, run.train, optimizer, scheduler, loss_fn, run.precision, run.mean, run.std, epoch,
-            max(1, config.batch_size // run.dist.world_size), config.seed, run.dist, num_updates,
+            rank_batch, config.seed, run.dist, num_updates,
             config.clip_grad, config.hflip, ema, scaler, run.sample_weights, on_step, run.should_stop,
             config.freeze_bn,
         )  # fmt: skip
         if stopped:
             return True
         eval_model = ema.module if ema is not None else model
+        # With --train-bn each process updated its BatchNorm statistics on its own images: evaluate (and
+        # keep) rank 0's, the ones it saves.
+        run.dist.broadcast_(list(eval_model.buffers()))
         result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
         row = _history_row(run, "finetune", epoch, result, train_metrics)
         row["time_s"] = time.perf_counter() - started
@@ -335,29 +363,30 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
 
 
 def _choose_epochs(run: _Run, steps_per_epoch: int) -> int:
-    """Epochs from the dataset size (about TARGET_STEPS updates), capped by the time budget under `auto`."""
+    """Epochs from the dataset size (about TARGET_STEPS updates), capped by the time budget under `auto`.
+
+    Timings differ between processes, so rank 0 decides for all of them.
+    """
     config = run.config
     if config.epochs:
         return config.epochs
     epochs = int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
     per_image = run.studio.get("forward_s_per_image")
+    epoch_s = 0.0
     if config.strategy == "auto" and per_image:
         epoch_s = per_image * BACKWARD_COST * len(run.train) / run.dist.world_size
         remaining = config.time_budget_s - (time.perf_counter() - run.started)
         affordable = int(remaining // max(epoch_s, 1e-6))
-        if affordable < 2:
-            logger.info(
-                "Fine-tuning would not fit the time budget (about %.0f s an epoch): keeping the probe.",
-                epoch_s,
-            )
-            run.emit(
-                TrainEvent(
-                    "status", message="Time budget too small for fine-tuning; keeping the linear probe"
-                )
-            )
-            return 0
-        epochs = min(epochs, affordable)
-    return run.dist.broadcast_int(epochs)
+        epochs = min(epochs, affordable) if affordable >= 2 else 0
+    epochs = run.dist.broadcast_int(epochs)
+    if epochs == 0:
+        logger.info(
+            "Fine-tuning would not fit the time budget (about %.0f s an epoch): keeping the probe.", epoch_s
+        )
+        run.emit(
+            TrainEvent("status", message="Time budget too small for fine-tuning; keeping the linear probe")
+        )
+    return epochs
 
 
 def _make_scheduler(

@@ -9,6 +9,7 @@ from typing import Any
 
 import app
 from demo.service import InferenceService
+from demo.vision_tasks import VisionService
 
 
 def free_port() -> int:
@@ -19,9 +20,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(service: InferenceService, **launch_options: Any) -> Iterator[str]:
-    """The app built by `app.build_app`, launched by `app.launch` on 127.0.0.1; yields its URL."""
-    demo = app.build_app(service)
+def serve(
+    service: InferenceService, vision: VisionService | None = None, **launch_options: Any
+) -> Iterator[str]:
+    """The app built by `app.build_app` (with the Detect and Segment tabs when `vision` is given), launched
+    by `app.launch` on 127.0.0.1; yields its URL."""
+    demo = app.build_app(service, vision)
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, **launch_options)
     try:
         yield demo.local_url

@@ -120,32 +120,34 @@ def test_unusual_images_are_classified(client: Client, tmp_path: Path) -> None:
         assert CAT_CLASSES & {entry["label"] for entry in result["confidences"]}, name
 
 
-def test_concurrent_visitors_are_batched_and_served_faster_than_one_at_a_time(
+def test_concurrent_visitors_share_forward_passes_and_each_gets_its_own_answer(
     client: Client, service: InferenceService
 ) -> None:
-    """Same answers either way; together, requests share forward passes and finish sooner (best of 2 rounds,
-    since the CI machine is shared)."""
-    files = [EXAMPLES / f"{name}.jpg" for name in ("chelsea", "coffee", "astronaut", "rocket")] * 3
+    """Requests arriving together at the real server are batched, yet each gets its own image's answer.
+
+    Four photos with four different top classes, interleaved, so a mix-up inside a batch would show. Only
+    behaviour is asserted; the time is printed for information (speed targets live in bench/serve.py, since
+    timings on a shared test machine are noise).
+    """
+    names = ("chelsea", "coffee", "astronaut", "rocket")
+    alone = {name: service.predict_topk(EXAMPLES / f"{name}.jpg", 3) for name in names}  # batches of one
+    assert len({prediction.label for prediction in alone.values()}) == len(names)
+    files = [EXAMPLES / f"{name}.jpg" for name in names] * 3
     before = service.batch_sizes()
-    sequential_s, concurrent_s = [], []
-    for _ in range(2):
-        start = time.perf_counter()
-        one_by_one = [client.predict(handle_file(file), 3, api_name="/classify") for file in files]
-        sequential_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        jobs = [client.submit(handle_file(file), 3, api_name="/classify") for file in files]
-        together = [job.result(timeout=120) for job in jobs]
-        concurrent_s.append(time.perf_counter() - start)
-        assert [result["label"] for result in together] == [result["label"] for result in one_by_one]
-        assert all(len(result["confidences"]) == 3 for result in together)
+    start = time.perf_counter()
+    jobs = [client.submit(handle_file(file), 3, api_name="/classify") for file in files]
+    answers = [job.result(timeout=120) for job in jobs]
+    elapsed_s = time.perf_counter() - start
+    for file, answer in zip(files, answers, strict=True):
+        expected = alone[file.stem]
+        assert answer["label"] == expected.label, file.name
+        assert [entry["label"] for entry in answer["confidences"]] == expected.labels, file.name
+        confidences = [entry["confidence"] for entry in answer["confidences"]]
+        assert confidences == pytest.approx(expected.probs, abs=1e-4), file.name
     after = service.batch_sizes()
-    shared = {size: count - before.get(size, 0) for size, count in after.items() if size > 1}
-    assert any(shared.values()), f"no request shared a forward pass: {after}"
-    print(
-        f"\n{len(files)} requests: one at a time {min(sequential_s):.2f}s, "
-        f"together {min(concurrent_s):.2f}s, shared batches {shared}"
-    )
-    assert min(concurrent_s) < min(sequential_s)
+    shared = {size: after[size] - before.get(size, 0) for size in after if size > 1}
+    assert any(count > 0 for count in shared.values()), f"no request shared a forward pass: {after}"
+    print(f"\n{len(files)} concurrent requests answered in {elapsed_s:.2f}s; new shared batches {shared}")
 
 
 def test_server_serves_no_file_of_the_machine(url: str) -> None:

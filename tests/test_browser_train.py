@@ -28,7 +28,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     service = InferenceService.from_checkpoint(None)
     manager = TrainingManager(tmp_path_factory.mktemp("browser") / "studio-data")
     serve_trained_runs(manager, service)
-    demo = app.build_app(service, manager)
+    demo = app.build_app(service, trainer=manager)
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
         yield demo.local_url

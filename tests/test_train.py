@@ -153,3 +153,44 @@ def test_default_model_learns_real_digits(tmp_path: Path) -> None:
         128,
     ]  # 64 px digits train at about twice their size
     assert result.metrics["val_top1"] >= 0.85  # 3 classes: chance is 0.33
+
+
+def test_ctrl_c_saves_and_exits_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=16)
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", str(data), "--out", str(out), "--epochs", "200",
+         "--batch-size", "4", "--patience", "200", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "train_state.json").exists() or load_train_state(out)["epoch"] < 1:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training never finished an epoch"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Continue with: python -m finetune --resume" in stderr
+    assert "Traceback" not in stderr
+    assert load_train_state(out)["epoch"] >= 1
+    load_run(out)
+
+
+def test_imbalanced_classes_get_a_weighted_loss_and_ema_runs(tmp_path: Path) -> None:
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=20)
+    for extra in sorted((data / "digit_1").iterdir())[5:]:
+        extra.unlink()
+    result = fine_tune(tiny_config(data, tmp_path / "run", epochs=1, ema=True))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["studio"]["balance_used"] == "loss"
+    assert config["studio"]["dataset"]["class_counts"] == {"digit_0": 16, "digit_1": 4}
+    assert result.metrics["val_top1"] >= 0.0
+    sampled = fine_tune(tiny_config(data, tmp_path / "sampled", epochs=1, balance="sampler"))
+    assert (
+        json.loads((tmp_path / "sampled" / "config.json").read_text())["studio"]["balance_used"] == "sampler"
+    )
+    assert sampled.history[-1]["train_loss"] > 0

@@ -41,7 +41,7 @@ def train_app(
     service = InferenceService.from_checkpoint(None)
     manager = TrainingManager(data_dir, **manager_options)
     serve_trained_runs(manager, service)
-    demo = app.build_app(service, manager)
+    demo = app.build_app(service, trainer=manager)
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
         yield Client(demo.local_url, verbose=False), service, manager

@@ -1,7 +1,8 @@
 """Tests for demo/detect_tab.py and demo/segment_tab.py: handlers called directly, then a real Gradio server.
 
 The service runs randomly initialised torchvision models of the real architectures, saved as local weight
-files (see test_vision_tasks.py), so everything is offline and nothing is mocked.
+files (tests/vision_models.py), so everything is offline and nothing is mocked. The browser drives both tabs
+in the full app, in tests/test_browser.py.
 """
 
 from __future__ import annotations
@@ -16,27 +17,16 @@ import numpy as np
 import pytest
 from conftest import photo
 from PIL import Image
-from safetensors.torch import save_file
-from test_vision_tasks import SIZE, random_state_dict
+from vision_models import SIZE, offline_vision, random_vision_service
 
 from demo import detect_tab, segment_tab
 from demo.vision_tasks import VisionService
-from demo.vision_weights import DEFAULT_MODEL, SPECS, TASKS, VisionConfig
+from demo.vision_weights import DEFAULT_MODEL, SPECS
 
 
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionService:
-    folder = tmp_path_factory.mktemp("tab_weights")
-    for task in TASKS:
-        save_file(random_state_dict(task, seed=0), str(folder / f"{task}.safetensors"))
-    config = VisionConfig(
-        detector_weights=folder / "detector.safetensors",
-        segmenter_weights=folder / "segmenter.safetensors",
-        allow_download=False,
-        hub_dir=folder / "hub",
-        min_score=0.0,
-    )
-    return VisionService(config)
+    return random_vision_service(tmp_path_factory.mktemp("tab_weights"))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +41,6 @@ def download_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keep the JSON downloads of each test in its own folder."""
     monkeypatch.setattr(detect_tab, "_DOWNLOAD_DIR", tmp_path / "downloads")
     return tmp_path / "downloads"
-
-
-def offline_vision(root: Path) -> VisionService:
-    return VisionService(
-        VisionConfig(weights_dir=root / "weights", hub_dir=root / "hub", allow_download=False)
-    )
 
 
 def test_detect_handler_returns_image_table_json_and_state(vision, image_path, download_dir):
@@ -96,7 +80,7 @@ def test_handlers_turn_bad_input_into_a_readable_gr_error(vision, tmp_path):
     for handler in (detect_tab.detect, segment_tab.segment):
         with pytest.raises(gr.Error, match="not an image PIL can read"):
             handler(vision, str(bad), 0.5)
-        with pytest.raises(gr.Error, match="no image yet"):
+        with pytest.raises(gr.Error, match="no image; upload a photo"):
             handler(vision, None, 0.5)
     with pytest.raises(gr.Error, match="threshold must be a number between 0 and 1"):
         detect_tab.detect(vision, photo("coffee").resize(SIZE), 1.5)
@@ -175,60 +159,3 @@ def test_real_server_serves_detect_and_segment_by_api_name(vision, image_path, t
                 client.predict(handle_file(str(bad)), value, api_name=api_name)
     finally:
         demo.close()
-
-
-@pytest.mark.browser
-def test_browser_detects_segments_and_shows_the_missing_weights_modal(vision, image_path, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
-
-    with gr.Blocks() as demo:
-        with gr.Tab("Detect"):
-            detect_tab.build(vision)
-        with gr.Tab("Segment"):
-            segment_tab.build(vision)
-    with gr.Blocks() as offline_demo:
-        with gr.Tab("Detect"):
-            detect_tab.build(offline_vision(tmp_path))
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    offline_demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium",
-                args=[
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                ],
-            )
-            try:
-                page = browser.new_page()
-                page.goto(demo.local_url)
-                page.locator("input[type=file]").first.set_input_files(str(image_path))
-                page.get_by_role("button", name="Detect objects").click()
-                expect(page.get_by_text("detections-").first).to_be_visible(timeout=60_000)
-                assert page.locator("table tbody tr").count() > 0
-
-                page.get_by_role("tab", name="Segment").click()
-                page.locator("input[type=file]").last.set_input_files(str(image_path))
-                page.get_by_role("button", name="Segment", exact=True).click()
-                share = vision.segment(image_path).legend[0]
-                expect(page.get_by_text(f"{share.label}: {share.share * 100:.1f}%")).to_be_visible(
-                    timeout=60_000
-                )
-
-                page.goto(offline_demo.local_url)
-                page.locator("input[type=file]").first.set_input_files(str(image_path))
-                page.get_by_role("button", name="Detect objects").click()
-                toast = page.get_by_test_id("toast-body")
-                expect(toast).to_contain_text(
-                    SPECS["detector"][DEFAULT_MODEL["detector"]].file_name, timeout=30_000
-                )
-                expect(toast).to_contain_text("VISION_TABS=off")
-            finally:
-                browser.close()
-    finally:
-        demo.close()
-        offline_demo.close()

@@ -22,6 +22,7 @@ import torch
 from conftest import photo
 from PIL import Image
 from safetensors.torch import save_file
+from vision_models import SIZE, random_state_dict, write_random_weights
 
 from demo.vision_tasks import (
     MODEL_MAX_SIDE,
@@ -40,33 +41,10 @@ from demo.vision_weights import (
 )
 from finetune.errors import CheckpointError, ConfigError, ImageError, WeightsUnavailableError
 
-SIZE = (224, 160)  # small and not square, so width/height mix-ups show
-
-
-def random_state_dict(task: str, seed: int, name: str | None = None) -> dict[str, torch.Tensor]:
-    """A random-init state dict of the task's architecture.
-
-    For the detectors the box-head weights are redrawn wider: with torchvision's own init every class gets
-    about 1/91 and no box survives the usual score floor, so thresholds could not be tested.
-    """
-    torch.manual_seed(seed)
-    model = SPECS[task][name or DEFAULT_MODEL[task]].build()
-    head = getattr(model, "roi_heads", None) or getattr(model, "head", None)
-    if task == "detector" and head is not None:
-        with torch.no_grad():
-            for parameter in head.parameters():
-                parameter.normal_(0.0, 0.2)
-    return {key: value.clone().contiguous() for key, value in model.state_dict().items()}
-
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("vision_weights")
-    paths = {}
-    for task in TASKS:
-        paths[task] = folder / f"{task}.safetensors"
-        save_file(random_state_dict(task, seed=0), str(paths[task]))
-    return paths
+    return write_random_weights(tmp_path_factory.mktemp("vision_weights"))
 
 
 @pytest.fixture(scope="module")
