@@ -1,7 +1,7 @@
 """A real browser trains new classes: upload a zip, watch the progress, read the metrics, classify with it.
 
 The browser, the chromium launch and the screenshot helper are `test_browser`'s; the server here also has the
-Train tab and trains the real default model (embedded weights) for one epoch on two photo classes.
+Train tab and trains the real default model (embedded weights) for three epochs on two photo classes.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def test_train_tab_trains_shows_progress_and_the_new_model_classifies(
         page.get_by_role("tab", name="Train").click()
         zip_path = photo_zip(tmp_path, per_class=10, size=160)
         page.locator("#train-zip input[type=file]").set_input_files(zip_path)
-        page.locator("#train-epochs-option input").fill("1")
+        page.locator("#train-epochs-option input").fill("3")
         page.locator("#train-start").click()
         expect(page.locator("#train-progress [data-state=running]")).to_be_visible()  # the live bar
         expect(page.locator("#train-progress [data-state=done]")).to_be_visible()
         expect(page.locator("#train-progress")).to_contain_text("100%")
         expect(page.locator(".toast-body")).to_have_count(0)  # nothing else ran: no queue message
         rows = page.locator("#train-epochs").get_by_role("row")
-        expect(rows).to_have_count(3)  # header, the linear probe (epoch 0), fine-tuning epoch 1
+        expect(rows).to_have_count(5)  # header, the linear probe (epoch 0), fine-tuning epochs 1-3
         expect(page.locator("#train-curves img")).to_be_visible()
         expect(page.locator("#train-metrics")).to_contain_text("val_top1")
         run_id = page.locator("#train-run-id textarea").input_value()
