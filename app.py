@@ -16,15 +16,18 @@ from pathlib import Path
 
 import gradio as gr
 
-from demo import batch_tab, classify_tab, detect_tab, explain_tab, segment_tab
+from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
+from demo.model_picker import ModelView
 from demo.service import InferenceService
+from demo.training_jobs import TrainingManager
 from demo.vision_tasks import VisionService
 from demo.vision_weights import VisionConfig
 from finetune.errors import StudioError
 from finetune.inference import RUNTIMES
 
-# One line per tab: (title, build function). The build function creates its components and wires events.
-TABS: list[tuple[str, Callable[[InferenceService], None]]] = [
+# One line per tab: (title, build function). The build function creates its components and wires events;
+# it may return the components that show the selected model, which the Model menu redraws on a change.
+TABS: list[tuple[str, Callable[[InferenceService], list[ModelView] | None]]] = [
     ("Classify", classify_tab.build),
     ("Explain", explain_tab.build),
     ("Batch", batch_tab.build),
@@ -44,17 +47,28 @@ INTRO = (
 )
 
 
-def build_app(service: InferenceService, vision: VisionService | None = None) -> gr.Blocks:
-    """The whole app as a `gr.Blocks`, with its queue configured; tests launch it on 127.0.0.1."""
+def build_app(
+    service: InferenceService, vision: VisionService | None = None, trainer: TrainingManager | None = None
+) -> gr.Blocks:
+    """The whole app as a `gr.Blocks`, with its queue configured; tests launch it on 127.0.0.1.
+
+    With a `trainer` the Train tab is added; `create_trainer` also makes the service serve its runs.
+    """
     with gr.Blocks(title="Image Recognition Studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
+        model_menu = model_picker.build(service)
+        views: list[ModelView] = []
         for title, build in TABS:
             with gr.Tab(title):
-                build(service)
+                views += build(service) or []
+        if trainer is not None:
+            with gr.Tab("Train"):
+                train_tab.build(service, trainer, model_menu)
         if vision is not None and vision.is_enabled:
             for title, build_vision in VISION_TABS:
                 with gr.Tab(title):
                     build_vision(vision)
+        model_picker.connect(demo, service, model_menu, views)
     return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
 
 
@@ -91,6 +105,29 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)"
     )
+    training = parser.add_argument_group("training (the Train tab)")
+    training.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("STUDIO_DATA_DIR") or "studio-data"),
+        help="folder for uploaded datasets and trained runs, one server per folder "
+        "(default: env STUDIO_DATA_DIR, else ./studio-data)",
+    )
+    training.add_argument(
+        "--max-runs",
+        type=int,
+        default=20,
+        help="keep at most this many runs, deleting the oldest (default: 20)",
+    )
+    training.add_argument(
+        "--max-runs-gb", type=float, default=5.0, help="keep runs within this size (default: 5)"
+    )
+    training.add_argument(
+        "--no-train",
+        action="store_true",
+        default=os.environ.get("TRAIN_TAB", "").lower() == "off",
+        help="leave out the Train tab (default: on; env TRAIN_TAB=off leaves it out)",
+    )
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=None, help="address to bind (default: Gradio's, 127.0.0.1)")
     server.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
@@ -116,6 +153,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def create_trainer(args: argparse.Namespace, service: InferenceService) -> TrainingManager:
+    """The training manager for `--data-dir`; `service` serves its finished runs and every new one."""
+    trainer = TrainingManager(
+        args.data_dir,
+        max_runs=args.max_runs,
+        max_run_bytes=int(args.max_runs_gb * 1024**3),
+        allow_test_models=os.environ.get("STUDIO_ALLOW_TEST_MODELS") == "1",  # tests and demos only
+    )
+    train_tab.serve_trained_runs(trainer, service)
+    return trainer
+
+
 def create_vision_service(args: argparse.Namespace) -> VisionService:
     """The Detect/Segment service from flags, which win over the VISION_* environment variables."""
     config = VisionConfig.from_env(
@@ -133,10 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
     try:
         service = InferenceService.from_checkpoint(args.checkpoint, runtime=args.runtime)
+        trainer = None if args.no_train else create_trainer(args, service)
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    launch(build_app(service, create_vision_service(args)), host=args.host, port=args.port, share=args.share)
+    launch(
+        build_app(service, create_vision_service(args), trainer),
+        host=args.host,
+        port=args.port,
+        share=args.share,
+    )
     return 0
 
 

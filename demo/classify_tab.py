@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from demo.model_picker import ModelView
 from demo.service import InferenceService, ModelInfo
 from demo.ui import image_source, user_errors
 
@@ -61,8 +62,14 @@ def model_card(info: ModelInfo) -> str:
     return "  \n".join(lines)
 
 
-def build(service: InferenceService) -> None:
-    """Create the tab's components and wire its `classify` event."""
+def k_slider(service: InferenceService) -> Any:
+    """The k slider's range and default for the selected model (a 2-class run shows at most 2)."""
+    num_classes = len(service.labels)
+    return gr.Slider(maximum=min(MAX_K, num_classes), value=min(DEFAULT_K, num_classes))
+
+
+def build(service: InferenceService) -> list[ModelView]:
+    """Create the tab's components and wire its `classify` event; returns what a model change redraws."""
     num_classes = len(service.labels)
     with gr.Row():
         with gr.Column():
@@ -81,7 +88,7 @@ def build(service: InferenceService) -> None:
             label = gr.Label(label="Top classes", elem_id="classify-label")
             latency = gr.Markdown(elem_id="classify-latency")
             with gr.Accordion("About the model", open=True):
-                gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
+                card = gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
     gr.Examples(examples=example_images(), inputs=image, label="Example photos (scikit-image)")
     latency_s = gr.State()
     button.click(
@@ -93,6 +100,7 @@ def build(service: InferenceService) -> None:
         concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
         concurrency_id="classify",
     ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
+    return [(card, lambda: model_card(service.info())), (k, partial(k_slider, service))]
 
 
 def _scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, str]:

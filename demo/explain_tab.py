@@ -15,6 +15,7 @@ from PIL import Image
 
 from demo.cam import overlay
 from demo.classify_tab import IMAGE_SOURCES, example_images
+from demo.model_picker import ModelView
 from demo.service import Explanation, InferenceService
 from demo.ui import image_source, user_errors
 
@@ -59,8 +60,17 @@ def describe(explanation: Explanation) -> str:
     )
 
 
-def build(service: InferenceService) -> None:
-    """Create the tab's components and wire its `explain` event and the opacity slider."""
+def class_choices(service: InferenceService) -> Any:
+    """The class menu for the selected model: its classes, after "Predicted class"."""
+    return gr.Dropdown(
+        choices=[("Predicted class", PREDICTED), *[(label, label) for label in service.labels]],
+        value=PREDICTED,
+    )
+
+
+def build(service: InferenceService) -> list[ModelView]:
+    """Create the tab's components and wire its `explain` event and the opacity slider; returns what a model
+    change redraws."""
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(
@@ -111,3 +121,4 @@ def build(service: InferenceService) -> None:
         trigger_mode="always_last",
         show_progress="hidden",
     )
+    return [(target, partial(class_choices, service))]

@@ -132,6 +132,16 @@ class InferenceService:
             old.batcher.close()
         logger.info("Serving %s (%s, %d classes).", name, run.architecture, len(run.labels))
 
+    def remove_run(self, name: str) -> None:
+        """Stop serving `name` (its run folder was pruned); if it was selected, the first model left is."""
+        with self._lock:
+            model = self._models.pop(name, None)
+            if model is not None and self._selected == name:
+                self._selected = next(iter(self._models), None)
+        if model is not None:
+            model.batcher.close()
+            logger.info("No longer serving %s.", name)
+
     def select(self, name: str) -> None:
         """Make `name` the model that new requests use; requests already running finish on their model."""
         with self._lock:

@@ -48,9 +48,9 @@ def client(url: str) -> Client:
     return Client(url, verbose=False)
 
 
-def test_api_exposes_exactly_classify_explain_and_batch(client: Client) -> None:
+def test_api_exposes_exactly_classify_explain_batch_and_select_model(client: Client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/classify", "/explain", "/batch"}
+    assert set(endpoints) == {"/classify", "/explain", "/batch", "/select_model"}
     assert [p["parameter_name"] for p in endpoints["/classify"]["parameters"]] == ["image", "k"]
 
 

@@ -1,0 +1,401 @@
+"""The Train tab: upload classes, train in the background on the one engine, watch it, use the new model.
+
+Its event is the app's `train` API: (zip of class folders, model, strategy, epochs, time budget in minutes) ->
+(run id, final metrics). It blocks until the run ends (yielding the queue position and epochs on the way),
+so a `gradio_client` caller gets the result from `predict()`; `cancel_training` (run id) stops a run. In the
+browser, a timer polls the `TrainingManager` for the progress bar, the epoch table and the curves, and when
+the run ends the Model menu is refreshed and the run folder is offered as a zip.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from demo.service import InferenceService
+from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
+from demo.ui import user_errors
+from demo.uploads import ImportedDataset, import_class_files, import_zip, parse_class_names
+from finetune.checkpoint import load_run
+from finetune.config import STRATEGIES
+from finetune.errors import DatasetError, StudioError
+from finetune.modeling import DEFAULT_MODEL
+from finetune.reports import CURVES_PNG
+
+logger = logging.getLogger(__name__)
+
+MAX_TYPED_CLASSES = 6  # class-name mode offers this many upload boxes; more classes belong in a zip
+DEFAULT_BUDGET_MIN = 5.0
+POLL_S = 1.0  # progress refresh period in the browser
+ZIP_SOURCE, CLASSES_SOURCE = "Zip of class folders", "Class names + images"
+EPOCH_COLUMNS = ["epoch", "phase", "train loss", "train acc", "val loss", "val top-1", "seconds"]
+DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-runs"
+KEEP_DOWNLOADS_S = 3600  # run zips older than this are deleted (Gradio has copied them into its cache)
+MAX_LISTED_SKIPS = 100  # skipped files returned through the API; the summary line names the first few
+INTRO = (
+    "Teach the model new classes: upload a **zip with one folder per class** (`cats/1.jpg`, `dogs/1.jpg`, "
+    "...) or type class names and add images to each. Training runs on the server in the background; "
+    "when it ends, the new model is in the **Model** menu above."
+)
+
+
+def serve_trained_runs(manager: TrainingManager, service: InferenceService) -> None:
+    """Serve every finished run under the data folder now, and each new one as soon as it finishes."""
+
+    def add(run_id: str, run_dir: Path) -> None:
+        service.add_run(run_id, load_run(run_dir), select=False)
+
+    manager.on_model_ready = add
+    manager.on_run_removed = service.remove_run
+    for run_dir in manager.existing_runs():
+        try:
+            add(run_dir.name, run_dir)
+        except StudioError as error:
+            logger.warning("Not serving run %s: %s", run_dir.name, error)
+
+
+def collect_classes(source: str, names_text: str, *files: Sequence[str] | None) -> list | None:
+    """Class-name mode: [(name, uploaded paths)] for the typed names; zip mode: None (the zip is used)."""
+    if source != CLASSES_SOURCE:
+        return None
+    with user_errors():
+        names = parse_class_names(names_text)
+        if len(names) > MAX_TYPED_CLASSES:
+            raise DatasetError(
+                f"{len(names)} classes typed; this form takes up to {MAX_TYPED_CLASSES}. "
+                "Upload a zip with one folder per class for more."
+            )
+        return [(name, list(files[index] or [])) for index, name in enumerate(names)]
+
+
+def train(
+    manager: TrainingManager,
+    zip_file: str | None,
+    model: str,
+    strategy: str,
+    epochs: float,
+    time_budget_min: float,
+    classes: list | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Import the upload, queue the run and follow it: yields (run id, status) until the final metrics."""
+    with user_errors():
+        dataset = _import(manager, zip_file, classes)
+        options = TrainOptions(
+            model=model or DEFAULT_MODEL,
+            strategy=strategy or "auto",
+            epochs=int(epochs or 0),
+            time_budget_s=float(time_budget_min or DEFAULT_BUDGET_MIN) * 60,
+        )
+        run_id = manager.submit(dataset.root, list(dataset.class_counts), options)
+    status = manager.status(run_id)
+    if status.state == QUEUED and status.queue_position:
+        gr.Info(
+            f"Another training is running: {status.queue_position} ahead of yours in the queue. Yours starts "
+            "by itself when they end; this page follows it."
+        )
+    yield run_id, _live(status)
+    shown = _milestone(status)
+    while not status.is_finished:
+        status = manager.wait(run_id, status.version, timeout_s=30)
+        if _milestone(status) != shown:
+            shown = _milestone(status)
+            yield run_id, _live(status)
+    if status.state == FAILED:
+        raise gr.Error(status.error, print_exception=False)
+    yield run_id, final_metrics(status, dataset)
+
+
+def cancel_training(manager: TrainingManager, run_id: str) -> str:
+    """Stop a queued or running training; a running one keeps its best checkpoint so far."""
+    with user_errors():
+        status = manager.cancel((run_id or "").strip())
+    return status.message
+
+
+def final_metrics(status: JobStatus, dataset: ImportedDataset) -> dict[str, Any]:
+    """What the API returns: state, validation metrics of the kept model, classes and skipped files."""
+    return {
+        "state": status.state,
+        "message": status.message,
+        **status.metrics,
+        "classes": status.classes,
+        "dataset": dataset.summary(),
+        "skipped": [{"file": s.name, "reason": s.reason} for s in dataset.skipped[:MAX_LISTED_SKIPS]],
+    }
+
+
+def poll(manager: TrainingManager, run_id: str, shown_epochs: int | None) -> tuple[Any, ...]:
+    """Timer tick: progress bar, epoch table and curves (only when a new epoch ended); stops when done."""
+    try:
+        status = manager.status(run_id)
+    except StudioError:  # no run yet, or one this server no longer knows (restarted): nothing to follow
+        return gr.skip(), gr.skip(), gr.skip(), shown_epochs, gr.Timer(active=False)
+    epochs = len(status.history)
+    is_new = epochs != shown_epochs
+    return (
+        render_progress(status),
+        epoch_table(status.history) if is_new else gr.skip(),
+        curves_image(status) if is_new else gr.skip(),
+        epochs,
+        gr.Timer(active=not status.is_finished),
+    )
+
+
+def render_progress(status: JobStatus) -> str:
+    """The progress bar and one line saying where the run is (queue position, phase, epoch, loss)."""
+    percent = round(100 * status.progress)
+    parts = [status.state.capitalize()]
+    if status.state == QUEUED:
+        parts.append(f"{status.queue_position} ahead in the queue")
+    elif status.phase == "finetune" and status.epochs and not status.is_finished:
+        parts.append(f"fine-tuning epoch {status.epoch}/{status.epochs}")
+        if status.steps:
+            parts.append(f"step {status.step}/{status.steps}")
+    elif status.phase == "probe" and not status.is_finished:
+        parts.append("linear probe")
+    if "loss" in status.step_metrics and not status.is_finished:
+        parts.append(f"loss {status.step_metrics['loss']:.3f}")
+    parts += [f"{percent}%", f"{status.elapsed_s:.0f} s"]
+    detail = status.error or status.message
+    return (
+        f'<div class="train-progress" data-state="{status.state}" data-progress="{percent}">'
+        f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
+        f'<div style="width:{percent}%;height:14px;background:#6366f1;transition:width 0.5s"></div></div>'
+        f"<p><b>{html.escape(' · '.join(parts))}</b><br>{html.escape(detail)}</p></div>"
+    )
+
+
+def epoch_table(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per finished epoch; epoch 0 is the linear probe."""
+    rows = [
+        [
+            row.get("epoch"),
+            row.get("phase"),
+            _rounded(row.get("train_loss")),
+            _rounded(row.get("train_acc")),
+            _rounded(row.get("val_loss")),
+            _rounded(row.get("val_top1")),
+            _rounded(row.get("time_s"), 1),
+        ]
+        for row in history
+    ]
+    return pd.DataFrame(rows, columns=EPOCH_COLUMNS)
+
+
+def curves_image(status: JobStatus) -> Image.Image | None:
+    """The engine's curves.png of the run (rewritten after each epoch), as a picture the browser can get."""
+    path = status.run_dir / CURVES_PNG if status.run_dir else None
+    if path is None or not path.is_file():
+        return None
+    with Image.open(path) as image:
+        return image.copy()
+
+
+def finish(
+    manager: TrainingManager, service: InferenceService, run_id: str, metrics: dict | None
+) -> tuple[Any, ...]:
+    """After the run: final progress, table and curves, the result note, the run zip, the Model menu."""
+    if not run_id:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    status = manager.status(run_id)
+    download = _zip_for_download(manager, run_id) if status.has_model else None
+    menu = gr.Dropdown(choices=service.available_models(), value=service.selected)
+    return (
+        render_progress(status),
+        epoch_table(status.history),
+        curves_image(status),
+        result_note(status, metrics or {}),
+        download,
+        menu,
+    )
+
+
+def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
+    """What happened, the validation score and how to use the model."""
+    if not status.has_model:
+        return f"**{status.state.capitalize()}.** {status.error or status.message}"
+    score = status.metrics.get("val_top1")
+    lines = [
+        f"**{status.message}.** Validation top-1 of the kept model: **{score:.1%}** "
+        f"(epoch {status.metrics.get('best_epoch')}, {status.metrics.get('strategy_used')}).",
+        f"The model **{status.run_id}** is now in the **Model** menu above: pick it there to use it in "
+        "Classify, Explain and Batch. Download the run folder below.",
+    ]
+    if metrics.get("dataset"):
+        lines.append(str(metrics["dataset"]))
+    return "  \n".join(lines)
+
+
+def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dropdown) -> None:
+    """Create the tab's components and wire `train`, `cancel_training` and the browser's progress."""
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1):
+            source = gr.Radio(
+                [ZIP_SOURCE, CLASSES_SOURCE], value=ZIP_SOURCE, label="Images", elem_id="train-source"
+            )
+            with gr.Group(visible=True) as zip_group:
+                zip_file = gr.File(label="Zip of class folders", file_types=[".zip"], elem_id="train-zip")
+            with gr.Group(visible=False) as classes_group:
+                names = gr.Textbox(
+                    label="Class names, comma-separated", placeholder="cat, dog", elem_id="train-class-names"
+                )
+                uploads = [
+                    gr.File(
+                        label=f"Images of class {index + 1}",
+                        file_count="multiple",
+                        file_types=["image"],
+                        visible=index < 2,
+                        elem_id=f"train-class-files-{index}",
+                    )
+                    for index in range(MAX_TYPED_CLASSES)
+                ]
+            with gr.Accordion("Options", open=True):
+                model = gr.Dropdown(
+                    manager.model_choices(),
+                    value=DEFAULT_MODEL,
+                    label="Model to start from",
+                    info=f"{DEFAULT_MODEL} ships its ImageNet weights; other timm names download theirs.",
+                    allow_custom_value=True,
+                    elem_id="train-model",
+                )
+                strategy = gr.Dropdown(
+                    list(STRATEGIES), value="auto", label="Strategy", elem_id="train-strategy"
+                )
+                epochs = gr.Number(
+                    0,
+                    label="Epochs (0 = automatic)",
+                    minimum=0,
+                    maximum=200,
+                    precision=0,
+                    elem_id="train-epochs-option",
+                )
+                budget = gr.Slider(
+                    1,
+                    120,
+                    value=DEFAULT_BUDGET_MIN,
+                    step=1,
+                    label="Time budget (minutes)",
+                    elem_id="train-budget",
+                )
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+        with gr.Column(scale=2):
+            progress = gr.HTML(elem_id="train-progress")
+            table = gr.Dataframe(
+                headers=EPOCH_COLUMNS,
+                label="Epochs (0 = linear probe)",
+                interactive=False,
+                elem_id="train-epochs",
+            )
+            curves = gr.Image(label="Curves", type="pil", interactive=False, elem_id="train-curves")
+            run_id = gr.Textbox(label="Run id", interactive=False, elem_id="train-run-id")
+            metrics = gr.JSON(label="Final metrics", elem_id="train-metrics")
+            note = gr.Markdown(elem_id="train-result")
+            download = gr.File(label="Run folder (zip)", interactive=False, elem_id="train-download")
+    classes = gr.State()
+    shown_epochs = gr.State()
+    timer = gr.Timer(POLL_S, active=False)
+
+    source.change(_show_source, source, [zip_group, classes_group], api_visibility="private", queue=False)
+    names.change(
+        _label_uploads, names, uploads, api_visibility="private", queue=False, show_progress="hidden"
+    )
+    start.click(
+        collect_classes, [source, names, *uploads], classes, api_visibility="private", queue=False
+    ).success(
+        partial(train, manager),
+        inputs=[zip_file, model, strategy, epochs, budget, classes],
+        outputs=[run_id, metrics],
+        api_name="train",
+        concurrency_limit=manager.max_queued + 1,  # waiting requests hold a slot and show their position
+        concurrency_id="train",
+        show_progress="minimal",
+    ).then(
+        partial(finish, manager, service),
+        inputs=[run_id, metrics],
+        outputs=[progress, table, curves, note, download, model_menu],
+        api_visibility="private",
+    )
+    run_id.change(_start_polling, run_id, [timer, shown_epochs], api_visibility="private", queue=False)
+    timer.tick(
+        partial(poll, manager),
+        inputs=[run_id, shown_epochs],
+        outputs=[progress, table, curves, shown_epochs, timer],
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+    cancel.click(
+        partial(cancel_training, manager), run_id, note, api_name="cancel_training", concurrency_limit=None
+    )
+
+
+def _import(manager: TrainingManager, zip_file: str | None, classes: list | None) -> ImportedDataset:
+    if classes:
+        return import_class_files(classes, manager.datasets_dir)
+    if not zip_file:
+        raise DatasetError("no zip uploaded; upload a zip with one folder of images per class.")
+    return import_zip(Path(zip_file), manager.datasets_dir)
+
+
+def _live(status: JobStatus) -> dict[str, Any]:
+    live: dict[str, Any] = {"state": status.state, "message": status.message}
+    if status.state == QUEUED:
+        live["queue_position"] = status.queue_position
+    if status.history:
+        live["epochs_done"] = len(status.history)
+        live["val_top1"] = status.history[-1].get("val_top1")
+    return live
+
+
+def _milestone(status: JobStatus) -> tuple[str, int, int]:
+    """What makes the API yield again: a new state, a new queue position or a finished epoch."""
+    return status.state, status.queue_position, len(status.history)
+
+
+def _show_source(source: str) -> tuple[Any, Any]:
+    is_zip = source == ZIP_SOURCE
+    return gr.Group(visible=is_zip), gr.Group(visible=not is_zip)
+
+
+def _label_uploads(names_text: str) -> list[Any]:
+    """One upload box per typed class name (at least two boxes), labelled with the name."""
+    names = [name.strip() for name in (names_text or "").replace("\n", ",").split(",") if name.strip()]
+    return [
+        gr.File(
+            label=f"Images of '{names[index]}'" if index < len(names) else f"Images of class {index + 1}",
+            visible=index < max(2, len(names)),
+        )
+        for index in range(MAX_TYPED_CLASSES)
+    ]
+
+
+def _start_polling(run_id: str) -> tuple[Any, None]:
+    return gr.Timer(active=bool(run_id)), None
+
+
+def _zip_for_download(manager: TrainingManager, run_id: str) -> str:
+    """Zip the run where Gradio may serve it from (the temp folder), deleting zips older than an hour."""
+    DOWNLOAD_ROOT.mkdir(parents=True, exist_ok=True)
+    for old in DOWNLOAD_ROOT.iterdir():
+        if time.time() - old.stat().st_mtime > KEEP_DOWNLOADS_S:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=DOWNLOAD_ROOT))
+    return str(manager.zip_run(run_id, folder))
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    return round(value, digits) if isinstance(value, float) else value

@@ -1,0 +1,437 @@
+"""TrainingManager: the app's training jobs, run one at a time by one background thread on `fine_tune`.
+
+A request imports its dataset (`demo.uploads`), then `submit()` queues it and returns its run id at once; the
+worker runs queued jobs first come, first served, each into `DATA_DIR/runs/<run_id>/`. The engine's
+`TrainEvent` callbacks become progress snapshots (`JobStatus`) that the Train tab polls or waits on, and
+Cancel is the engine's `should_stop` callback, so a cancelled run ends at a batch edge with its best
+checkpoint saved. When a job leaves a model, `on_model_ready(run_id, run_dir)` lets the app serve it right
+away. Disk use is bounded: a job's uploaded dataset is deleted when it ends, and `RunStore` strips and prunes
+the run folders. No Gradio here: tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from demo.run_store import RunStore, has_model
+from finetune.config import TrainConfig
+from finetune.distributed import DistContext, resolve_device
+from finetune.engine import TrainEvent
+from finetune.errors import ConfigError, StudioError
+from finetune.modeling import DEFAULT_MODEL, check_model_name
+from finetune.trainer import fine_tune
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED_STATES = (DONE, FAILED, CANCELLED)
+TEST_MODELS = ("test_efficientnet", "test_vit")  # timm's tiny random-init models, for tests and demos only
+MAX_TIME_BUDGET_S = 6 * 3600  # one visitor cannot hold the only training slot for longer
+KEEP_FINISHED_JOBS = 100  # status records of ended jobs kept in memory (their folders follow the run limits)
+
+ModelReadyHook = Callable[[str, Path], None]
+RunRemovedHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The few options the Train tab offers; everything else keeps `TrainConfig`'s defaults."""
+
+    model: str = DEFAULT_MODEL  # timm name; the default ships its ImageNet weights and works offline
+    strategy: str = "auto"  # auto | linear | finetune | lp-ft
+    epochs: int = 0  # fine-tuning epochs; 0 lets the engine choose from the data and the time budget
+    time_budget_s: float = 300.0  # the engine plans within it, and the job stops when it is spent
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of one job: what the progress bar, the epoch table and the API's answer are made of."""
+
+    run_id: str
+    state: str  # queued | running | done | failed | cancelled
+    version: int  # grows with every change; `wait()` returns when it passes the caller's
+    queue_position: int  # trainings ahead of this one, the running one included; 0 when next or running
+    classes: list[str]
+    phase: str = ""  # "", decode, probe, finetune
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    progress: float = 0.0  # 0..1 over the whole job (decoding, probe, fine-tuning epochs)
+    message: str = ""
+    step_metrics: dict[str, float] = field(default_factory=dict)  # running train loss / acc of this epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch (0 = probe)
+    metrics: dict[str, Any] = field(default_factory=dict)  # final metrics of the best checkpoint
+    error: str = ""
+    run_dir: Path | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def has_model(self) -> bool:
+        """True when the job ended with a servable checkpoint (done, or cancelled after one was saved)."""
+        return self.state in (DONE, CANCELLED) and bool(self.metrics)
+
+
+@dataclass
+class _Job:
+    """A job's mutable state; the manager's condition guards every field."""
+
+    status: JobStatus
+    config: TrainConfig
+    dataset_dir: Path
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = 0.0
+    timed_out: bool = False
+
+    def update(self, **changes: Any) -> None:
+        self.status = replace(self.status, version=self.status.version + 1, **changes)
+
+
+class TrainingManager:
+    """One worker thread, a FIFO queue with positions, progress snapshots, cancel, run folders and pruning."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        max_runs: int = 20,
+        max_run_bytes: int = 5 * 1024**3,
+        max_queued: int = 8,
+        allow_test_models: bool = False,
+        train_overrides: dict[str, Any] | None = None,
+        on_model_ready: ModelReadyHook | None = None,
+        on_run_removed: RunRemovedHook | None = None,
+    ) -> None:
+        """Args:
+        train_overrides: extra `TrainConfig` fields for every job (tests use a small `img_size`).
+        on_model_ready: called with (run_id, run_dir) when a job leaves a model, before it reports done.
+        on_run_removed: called with the run id of every run folder that pruning deletes.
+        """
+        if max_queued < 0:
+            raise ConfigError(f"max_queued must be at least 0, got {max_queued}.")
+        self.data_dir = Path(data_dir)
+        self.runs = RunStore(self.data_dir / "runs", max_runs, max_run_bytes)
+        self.runs_dir = self.runs.runs_dir
+        self.datasets_dir = self.data_dir / "datasets"
+        self.max_queued = max_queued
+        self.allow_test_models = allow_test_models
+        self.train_overrides = dict(train_overrides or {})
+        self.on_model_ready = on_model_ready
+        self.on_run_removed = on_run_removed
+        self._jobs: dict[str, _Job] = {}
+        self._queue: deque[str] = deque()
+        self._condition = threading.Condition()
+        self._closing = False
+        shutil.rmtree(self.datasets_dir, ignore_errors=True)  # uploads of jobs a restart forgot
+        self.runs.clean_leftovers()
+        self.prune()
+        self._worker = threading.Thread(target=self._work, name="training-worker", daemon=True)
+        self._worker.start()
+
+    def model_choices(self) -> list[str]:
+        """Model names the Train tab offers: the default, plus the tiny test models when allowed."""
+        return [DEFAULT_MODEL, *(TEST_MODELS if self.allow_test_models else ())]
+
+    def submit(self, dataset_dir: Path, classes: list[str], options: TrainOptions) -> str:
+        """Queue training on `dataset_dir` (which the manager now owns and deletes when the job ends).
+
+        Bad options raise `ConfigError` and a full queue a `StudioError`, before anything is queued.
+        """
+        try:
+            with self._condition:
+                if self._closing:
+                    raise StudioError("the server is shutting down; try again in a minute.")
+                waiting = len(self._queue)
+                if len(self._active_ids()) > self.max_queued:
+                    raise StudioError(
+                        f"the training queue is full ({waiting} waiting); try again when one has finished."
+                    )
+                run_id = self._new_run_id(classes)
+                config = self._config(dataset_dir, self.runs_dir / run_id, options)
+                status = JobStatus(
+                    run_id, QUEUED, 0, 0, list(classes), run_dir=config.out, message="Waiting to start"
+                )
+                self._jobs[run_id] = _Job(status=status, config=config, dataset_dir=Path(dataset_dir))
+                self._queue.append(run_id)
+                self._refresh_positions()
+                self._condition.notify_all()
+        except BaseException:
+            shutil.rmtree(dataset_dir, ignore_errors=True)
+            raise
+        logger.info("Queued training %s (%s, %d classes).", run_id, options.model, len(classes))
+        return run_id
+
+    def status(self, run_id: str) -> JobStatus:
+        """The latest snapshot of `run_id`."""
+        with self._condition:
+            return self._job(run_id).status
+
+    def wait(self, run_id: str, after_version: int = -1, timeout_s: float | None = None) -> JobStatus:
+        """The snapshot once its version passes `after_version` (or at `timeout_s`, or when it ends)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._condition:
+            while True:
+                status = self._job(run_id).status
+                if status.version > after_version or status.is_finished:
+                    return status
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return status
+                self._condition.wait(remaining)
+
+    def wait_until_finished(self, run_id: str, timeout_s: float | None = None) -> JobStatus:
+        """Block until the job ends (or `timeout_s` passes); returns the last snapshot."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._condition:
+            while not self._job(run_id).status.is_finished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            return self._job(run_id).status
+
+    def cancel(self, run_id: str) -> JobStatus:
+        """Stop a job: a queued one never starts; a running one ends at the next batch, keeping its best."""
+        with self._condition:
+            job = self._job(run_id)
+            if job.status.state == QUEUED:
+                self._queue.remove(run_id)
+                job.update(state=CANCELLED, queue_position=0, message="Cancelled before it started")
+                self._refresh_positions()
+                shutil.rmtree(job.dataset_dir, ignore_errors=True)
+            elif job.status.state == RUNNING:
+                job.cancel.set()
+                job.update(message="Cancelling: stopping at the next batch and keeping the best checkpoint")
+            self._condition.notify_all()
+            return job.status
+
+    def existing_runs(self) -> list[Path]:
+        """Run folders with a model, oldest first, not counting runs in progress: the app serves them."""
+        with self._condition:
+            active = self._active_ids()
+        return self.runs.finished_runs(active)
+
+    def zip_run(self, run_id: str, out_dir: Path) -> Path:
+        """`out_dir/<run_id>.zip` of a finished run folder, without its cache and resumable state."""
+        with self._condition:
+            active = self._active_ids()
+        return self.runs.zip_run(run_id, out_dir, active)
+
+    def prune(self) -> list[str]:
+        """Delete the oldest runs past the store's limits (never one in progress); tell `on_run_removed`."""
+        with self._condition:
+            active = self._active_ids()
+        removed = self.runs.prune(active)
+        if self.on_run_removed is not None:
+            for run_id in removed:
+                self.on_run_removed(run_id)
+        return removed
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Cancel everything and stop the worker (server shutdown, tests)."""
+        with self._condition:
+            self._closing = True
+            for run_id in list(self._queue):
+                self.cancel(run_id)
+            running = self._running_id()
+            if running:
+                self._jobs[running].cancel.set()
+            self._condition.notify_all()
+        self._worker.join(timeout_s)
+
+    # The worker thread.
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._closing:
+                    self._condition.wait()
+                if self._closing and not self._queue:
+                    return
+                run_id = self._queue.popleft()
+                job = self._jobs[run_id]
+                job.started = time.monotonic()
+                job.update(state=RUNNING, queue_position=0, message="Starting")
+                self._refresh_positions()
+                self._condition.notify_all()
+            self._run(job)
+            self.prune()
+            self._forget_old_jobs()
+
+    def _run(self, job: _Job) -> None:
+        run_id = job.status.run_id
+        budget_s = job.config.time_budget_s
+
+        def should_stop() -> bool:
+            if job.cancel.is_set():
+                return True
+            if time.monotonic() - job.started > budget_s:
+                job.timed_out = True
+                return True
+            return False
+
+        try:
+            result = fine_tune(
+                job.config,
+                on_event=lambda event: self._on_event(job, event),
+                should_stop=should_stop,
+                dist=DistContext(device=resolve_device(job.config.device)),  # always one process here
+            )
+            state, error = (CANCELLED if job.cancel.is_set() else DONE), ""
+            if not result.metrics:
+                state, error = _nothing_saved(job)
+            elif self.on_model_ready is not None:
+                self.on_model_ready(run_id, job.config.out)
+        except StudioError as failure:
+            result, state, error = None, FAILED, str(failure)
+        except Exception as failure:  # a bug: keep the traceback in the log, tell the user what happened
+            logger.exception("Training %s failed", run_id)
+            result, state, error = (
+                None,
+                FAILED,
+                f"training failed unexpectedly ({type(failure).__name__}: {failure})",
+            )
+        shutil.rmtree(job.dataset_dir, ignore_errors=True)
+        self.runs.finish(run_id, keep=state != FAILED and result is not None and bool(result.metrics))
+        with self._condition:
+            changes: dict[str, Any] = {"state": state, "error": error, "message": _final_message(state, job)}
+            if result is not None and result.metrics:
+                changes.update(metrics=dict(result.metrics), history=list(result.history), progress=1.0)
+            job.update(elapsed_s=time.monotonic() - job.started, **changes)
+            self._condition.notify_all()
+        logger.info("Training %s ended: %s %s", run_id, state, error)
+
+    def _on_event(self, job: _Job, event: TrainEvent) -> None:
+        """Fold one engine event into the job's snapshot and wake whoever waits on it."""
+        with self._condition:
+            status = job.status
+            changes: dict[str, Any] = {"elapsed_s": time.monotonic() - job.started}
+            if event.kind == "status":
+                changes["message"] = event.message
+            elif event.kind == "cache":
+                changes.update(phase="decode", step=event.step, steps=event.steps)
+                changes["message"] = f"Decoding {event.phase} images ({event.step}/{event.steps})"
+            elif event.kind == "step":
+                changes.update(
+                    phase=event.phase, step=event.step, steps=event.steps, step_metrics=event.metrics
+                )
+                if event.phase == "finetune":
+                    changes.update(epoch=event.epoch, epochs=event.epochs)
+            elif event.kind == "epoch":
+                row = {key: value for key, value in event.metrics.items() if key != "improved"}
+                changes.update(history=[*status.history, row], step=0, steps=0, step_metrics={})
+                changes.update(epoch=event.epoch, epochs=max(event.epochs, status.epochs))
+            elif event.kind == "done":
+                changes["metrics"] = dict(event.metrics)
+            job.update(**changes)
+            job.update(progress=max(status.progress, _progress(job.status, job.config.strategy)))
+            self._condition.notify_all()
+
+    # Housekeeping.
+
+    def _config(self, dataset_dir: Path, out: Path, options: TrainOptions) -> TrainConfig:
+        """The job's `TrainConfig`, validated now so a bad option is refused before it is queued."""
+        model = (options.model or DEFAULT_MODEL).strip()
+        if model in TEST_MODELS and not self.allow_test_models:
+            raise ConfigError(f"'{model}' is a test model; choose {DEFAULT_MODEL} or another timm model.")
+        check_model_name(model)
+        if not 0 < float(options.time_budget_s) <= MAX_TIME_BUDGET_S:
+            raise ConfigError(
+                f"invalid time budget {options.time_budget_s} s; use up to {MAX_TIME_BUDGET_S // 3600} hours."
+            )
+        values = {
+            "data_dir": dataset_dir,
+            "out": out,
+            "model": model,
+            "weights": "none" if model in TEST_MODELS else "auto",
+            "strategy": options.strategy,
+            "epochs": int(options.epochs),
+            "time_budget_s": float(options.time_budget_s),
+            "quiet": True,
+            **self.train_overrides,
+        }
+        return TrainConfig(**values)
+
+    def _new_run_id(self, classes: list[str]) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(classes).lower()).strip("-")[:32].strip("-") or "run"
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+        run_id, n = stem, 1
+        while run_id in self._jobs or (self.runs_dir / run_id).exists():
+            n += 1
+            run_id = f"{stem}-{n}"
+        return run_id
+
+    def _job(self, run_id: str) -> _Job:
+        job = self._jobs.get(run_id)
+        if job is None:
+            raise ConfigError(f"unknown training run '{run_id}'; start a training first.")
+        return job
+
+    def _running_id(self) -> str | None:
+        return next((rid for rid, job in self._jobs.items() if job.status.state == RUNNING), None)
+
+    def _active_ids(self) -> set[str]:
+        return {rid for rid, job in self._jobs.items() if not job.status.is_finished}
+
+    def _refresh_positions(self) -> None:
+        """Count, for each waiting job, the trainings ahead of it (a job about to be picked up has none)."""
+        first = 1 if self._running_id() else 0
+        for position, run_id in enumerate(self._queue, start=first):
+            job = self._jobs[run_id]
+            if job.status.queue_position != position:
+                ahead = "1 training" if position == 1 else f"{position} trainings"
+                message = f"Waiting: {ahead} ahead (the running one included)" if position else "Starting"
+                job.update(queue_position=position, message=message)
+
+    def _forget_old_jobs(self) -> None:
+        with self._condition:
+            ended = [rid for rid, job in self._jobs.items() if job.status.is_finished]
+            for run_id in ended[: max(0, len(ended) - KEEP_FINISHED_JOBS)]:
+                del self._jobs[run_id]
+
+
+def _progress(status: JobStatus, strategy: str) -> float:
+    """A rough share of the job done: decoding 10%, probe 15% (all the rest for `linear`), then epochs."""
+    fraction = status.step / status.steps if status.steps else 0.0
+    probe_share = 0.9 if strategy == "linear" else 0.15
+    if status.phase == "decode":
+        return 0.1 * fraction
+    if status.phase == "probe":
+        done = any(row.get("phase") == "probe" for row in status.history)
+        return 0.1 + probe_share * (1.0 if done else fraction)
+    if status.phase == "finetune" and status.epochs:
+        epochs_done = max(0, status.epoch - 1) + fraction
+        return 0.25 + 0.75 * min(1.0, epochs_done / status.epochs)
+    return 0.0
+
+
+def _nothing_saved(job: _Job) -> tuple[str, str]:
+    if job.cancel.is_set():
+        return CANCELLED, ""
+    if job.timed_out:
+        return FAILED, (
+            f"the time budget ({job.config.time_budget_s:.0f} s) ran out before the first checkpoint; "
+            "raise the budget or upload fewer images."
+        )
+    return FAILED, "training ended without a checkpoint."
+
+
+def _final_message(state: str, job: _Job) -> str:
+    if state == CANCELLED:
+        return "Cancelled" + ("; the best checkpoint so far is kept" if has_model(job.config.out) else "")
+    if state == DONE and job.timed_out:
+        return "Stopped at the time budget; the best checkpoint so far is kept"
+    return {DONE: "Finished", FAILED: "Failed"}.get(state, state)

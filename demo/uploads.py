@@ -1,0 +1,363 @@
+"""Turning browser uploads into a class-folder dataset on the server, safely: a zip, or files per typed class.
+
+A zip comes from a stranger, so it is checked as a whole before anything is written: entries that would
+land outside the target folder (absolute paths, `..`), symlinks, encrypted entries, too many files, too many
+uncompressed bytes and suspicious compression ratios (zip bombs) refuse the whole upload with a message.
+Then each entry is read into memory (bounded), checked with `open_image` (the pixel limit, a real decode) and
+only written when it is a usable image; everything skipped is listed with its reason. The result is a folder
+`finetune.data.scan_dataset` reads: one subfolder per class, or `train/` and `val/` with class subfolders.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import secrets
+import shutil
+import stat
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
+from finetune.errors import DatasetError, ImageError
+from finetune.images import is_image_file, open_image
+
+logger = logging.getLogger(__name__)
+
+MAX_CLASS_NAME = 64  # characters; class names become folder names and labels in the app
+VERIFY_DRAFT = (64, 64)  # JPEGs are verified by a reduced-size decode: the whole stream is still read
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # metadata that zip tools on macOS/Windows add
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on one uploaded dataset; they protect the server's disk, memory and time."""
+
+    max_files: int = 10_000  # entries in a zip (or files in a class upload)
+    max_total_bytes: int = 2 * 1024**3  # uncompressed bytes of the whole dataset
+    max_file_bytes: int = 50 * 1024**2  # uncompressed bytes of one file
+    max_ratio: float = 100.0  # uncompressed / compressed size of one entry; image files stay near 1
+    ratio_min_bytes: int = 1024**2  # small entries may compress well (a blank BMP); only big ones count
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An uploaded file that is not in the dataset, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class ImportedDataset:
+    """A dataset folder written from an upload, its classes and what was left out."""
+
+    root: Path
+    class_counts: dict[str, int]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    has_val_folder: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return sum(self.class_counts.values())
+
+    def summary(self, max_listed: int = 10) -> str:
+        """One paragraph for the UI: classes with counts, then the skipped files and why."""
+        classes = ", ".join(f"{name} ({count})" for name, count in self.class_counts.items())
+        text = f"{self.num_images} images in {len(self.class_counts)} classes: {classes}."
+        if self.skipped:
+            listed = "; ".join(f"{item.name}: {item.reason}" for item in self.skipped[:max_listed])
+            more = f"; and {len(self.skipped) - max_listed} more" if len(self.skipped) > max_listed else ""
+            text += f" Skipped {len(self.skipped)} file(s): {listed}{more}."
+        return text
+
+
+def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = UploadLimits()) -> ImportedDataset:
+    """Check the whole zip, then extract its usable images into a new folder under `datasets_dir`."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DatasetError(
+            "the upload is not a readable zip file; zip one folder per class (cats/1.jpg, dogs/1.jpg, ...)."
+        ) from error
+    with archive:
+        entries, skipped = _checked_entries(archive, limits)
+        entries = _flatten_single_top_folder(entries)
+        members = []
+        for parts, info in entries:
+            if len(parts) == 1:
+                skipped.append(SkippedFile(info.filename, "not inside a class folder"))
+            elif not is_image_file(PurePosixPath(parts[-1])):
+                skipped.append(SkippedFile(info.filename, f"not an image file ({_suffix(parts[-1])})"))
+            else:
+                members.append((parts, info))
+        root = _new_dataset_dir(datasets_dir)
+        try:
+            for parts, info in members:
+                reason = _extract_image(archive, info, root, parts, limits)
+                if reason:
+                    skipped.append(SkippedFile(info.filename, reason))
+            return _finish(root, skipped, source="the zip")
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def import_class_files(
+    classes: Sequence[tuple[str, Sequence[str | Path]]],
+    datasets_dir: Path,
+    limits: UploadLimits = UploadLimits(),
+) -> ImportedDataset:
+    """A dataset from typed class names, each with its uploaded files (an upload's name is its file name)."""
+    names = [name for name, _ in classes]
+    check_class_names(names)
+    files = [(name, Path(path)) for name, paths in classes for path in paths]
+    if len(files) > limits.max_files:
+        raise DatasetError(f"{len(files)} files uploaded; send at most {limits.max_files:,}.")
+    total = sum(path.stat().st_size for _, path in files)
+    if total > limits.max_total_bytes:
+        raise DatasetError(
+            f"the uploads hold {total / 1e6:,.0f} MB; the limit is {limits.max_total_bytes / 1e6:,.0f} MB."
+        )
+    root = _new_dataset_dir(datasets_dir)
+    skipped: list[SkippedFile] = []
+    try:
+        for name in names:
+            (root / name).mkdir()
+        for index, (name, path) in enumerate(files):
+            shown = f"{name}/{path.name}"
+            if not is_image_file(path):
+                skipped.append(SkippedFile(shown, f"not an image file ({_suffix(path.name)})"))
+                continue
+            if path.stat().st_size > limits.max_file_bytes:
+                skipped.append(SkippedFile(shown, _too_big(path.stat().st_size, limits)))
+                continue
+            data = path.read_bytes()
+            reason = _image_problem(data)
+            if reason:
+                skipped.append(SkippedFile(shown, reason))
+                continue
+            (root / name / f"{index:05d}-{_safe_file_name(path.name)}").write_bytes(data)
+        return _finish(root, skipped, source="the uploads", expected=names)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def parse_class_names(text: str) -> list[str]:
+    """Class names typed as 'cat, dog' or one per line; checked with `check_class_names`."""
+    names = [name.strip() for name in re.split(r"[,\n]", text or "") if name.strip()]
+    check_class_names(names)
+    return names
+
+
+def check_class_names(names: Sequence[str]) -> None:
+    """At least two distinct names that are safe as folder names (they become the model's labels)."""
+    if len(names) < 2:
+        raise DatasetError(f"give at least 2 class names (got {len(names)}), e.g. 'cat, dog'.")
+    seen: set[str] = set()
+    for name in names:
+        if (
+            not name
+            or len(name) > MAX_CLASS_NAME
+            or name.startswith(".")
+            or any(char in name for char in "/\\")
+            or not name.isprintable()
+        ):
+            raise DatasetError(
+                f"invalid class name {name!r}: use up to {MAX_CLASS_NAME} printable characters, "
+                "without / or \\ and not starting with a dot."
+            )
+        if name.casefold() in seen:
+            raise DatasetError(f"class name {name!r} is given twice; class names must differ.")
+        seen.add(name.casefold())
+
+
+def _checked_entries(
+    archive: zipfile.ZipFile, limits: UploadLimits
+) -> tuple[list[tuple[tuple[str, ...], zipfile.ZipInfo]], list[SkippedFile]]:
+    """Every file entry as path parts; refuse the whole zip on anything unsafe, before writing a byte."""
+    infos = archive.infolist()
+    files = [info for info in infos if not info.is_dir()]
+    if len(files) > limits.max_files:
+        raise DatasetError(f"the zip holds {len(files):,} files; the limit is {limits.max_files:,}.")
+    total = 0
+    entries: list[tuple[tuple[str, ...], zipfile.ZipInfo]] = []
+    skipped: list[SkippedFile] = []
+    for info in infos:
+        parts = _safe_parts(info.filename, is_dir=info.is_dir())
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise DatasetError(
+                f"the zip contains a symbolic link ('{info.filename}'); links are refused. "
+                "Zip the image files themselves."
+            )
+        if info.is_dir():
+            continue
+        if info.flag_bits & 0x1:
+            raise DatasetError(f"'{info.filename}' in the zip is encrypted; upload a zip without a password.")
+        if info.file_size > limits.ratio_min_bytes and info.file_size > limits.max_ratio * max(
+            info.compress_size, 1
+        ):
+            raise DatasetError(
+                f"'{info.filename}' in the zip expands {info.file_size / max(info.compress_size, 1):,.0f}x "
+                f"(to {info.file_size / 1e6:,.0f} MB); this looks like a zip bomb and the zip is refused."
+            )
+        total += info.file_size
+        if total > limits.max_total_bytes:
+            raise DatasetError(
+                f"the zip expands to more than {limits.max_total_bytes / 1e6:,.0f} MB; upload a smaller "
+                "dataset (fewer or smaller images)."
+            )
+        if any(part.startswith(".") or part.casefold() in SYSTEM_FILES for part in parts):
+            skipped.append(SkippedFile(info.filename, "hidden or system file"))
+            continue
+        entries.append((parts, info))
+    return entries, skipped
+
+
+def _safe_parts(name: str, is_dir: bool = False) -> tuple[str, ...]:
+    """Path parts of a zip entry name; absolute paths, drive letters, `..` and control characters refuse."""
+    text = name.replace("\\", "/")
+    parts = tuple(part for part in text.split("/") if part not in ("", "."))
+    is_unsafe = text.startswith("/") or _DRIVE.match(text) or ".." in parts or not text.isprintable()
+    if is_unsafe or not (parts or is_dir):
+        raise DatasetError(
+            f"the zip entry '{name}' points outside its folder (absolute path or '..'); the zip is refused. "
+            "Zip a folder of class folders with relative paths."
+        )
+    return parts
+
+
+def _flatten_single_top_folder(
+    entries: list[tuple[tuple[str, ...], zipfile.ZipInfo]],
+) -> list[tuple[tuple[str, ...], zipfile.ZipInfo]]:
+    """`flowers/daisy/1.jpg` becomes `daisy/1.jpg`: zipping a folder adds its name above the classes."""
+    while entries and all(len(parts) >= 3 for parts, _ in entries):
+        tops = {parts[0] for parts, _ in entries}
+        if len(tops) != 1:
+            break
+        entries = [(parts[1:], info) for parts, info in entries]
+    return entries
+
+
+def _extract_image(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path, parts: tuple[str, ...], limits: UploadLimits
+) -> str:
+    """Write one verified image under `root`; returns why it was skipped, or "" when written."""
+    if info.file_size > limits.max_file_bytes:
+        return _too_big(info.file_size, limits)
+    try:
+        with archive.open(info) as member:
+            data = member.read(limits.max_file_bytes + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
+        return f"damaged in the zip ({error})"
+    if len(data) > limits.max_file_bytes:
+        return _too_big(len(data), limits)
+    reason = _image_problem(data)
+    if reason:
+        return reason
+    target = root.joinpath(*parts)
+    if not target.resolve().is_relative_to(root.resolve()):  # belt and braces: `_safe_parts` refused these
+        raise DatasetError(f"the zip entry '{info.filename}' points outside its folder; the zip is refused.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("xb") as handle:
+            handle.write(data)
+    except FileExistsError:
+        return "the zip holds this path twice; the first copy is used"
+    except OSError as error:
+        return f"cannot be stored on the server ({error.strerror})"
+    return ""
+
+
+def _image_problem(data: bytes) -> str:
+    """Why `data` is not a usable image (open_image's message: format, decode, pixel limit), or ""."""
+    try:
+        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT)
+    except ImageError as error:
+        reason = str(error).removeprefix("the uploaded file ")  # the list shows the file's name before it
+        return reason.removeprefix("is ")
+    return ""
+
+
+def _finish(
+    root: Path, skipped: list[SkippedFile], source: str, expected: Sequence[str] = ()
+) -> ImportedDataset:
+    """Count images per class; fewer than 2 usable classes is a `DatasetError` that says what was found."""
+    train = next((root / name for name in TRAIN_DIR_NAMES if (root / name).is_dir()), None)
+    has_val = train is not None and any((root / name).is_dir() for name in VAL_DIR_NAMES)
+    class_roots = [train, *(root / name for name in VAL_DIR_NAMES)] if has_val else [root]
+    counts: Counter[str] = Counter({name: 0 for name in expected})
+    for class_root in class_roots:
+        if class_root is None or not class_root.is_dir():
+            continue
+        for folder in sorted(class_root.iterdir()):
+            if folder.is_dir():
+                counts[folder.name] += sum(1 for path in folder.rglob("*") if path.is_file())
+    if has_val:
+        unknown = sorted(
+            {p.name for n in VAL_DIR_NAMES if (root / n).is_dir() for p in (root / n).iterdir() if p.is_dir()}
+            - {p.name for p in train.iterdir() if p.is_dir()}
+        )
+        if unknown:
+            raise DatasetError(
+                f"the val/ folder of {source} has classes that train/ lacks: {', '.join(unknown[:5])}; "
+                "give every class images in train/."
+            )
+    found = {name: count for name, count in sorted(counts.items()) if count > 0}
+    if expected:
+        found = {name: counts[name] for name in expected}
+    empty = [name for name, count in found.items() if count == 0]
+    if empty:
+        raise DatasetError(
+            f"class(es) {', '.join(repr(n) for n in empty)} got no usable image from {source}; "
+            f"add images to every class ({_skipped_hint(skipped)})."
+        )
+    if len(found) < 2:
+        what = f"only {next(iter(found))!r}" if found else "none"
+        raise DatasetError(
+            f"{source} needs images in at least 2 class folders (cats/1.jpg, dogs/1.jpg, ...); found {what}"
+            f" ({_skipped_hint(skipped)})."
+        )
+    if not has_val and max(found.values()) < 2:
+        raise DatasetError(
+            f"every class in {source} has a single image; give some class at least 2 images so one can be "
+            "held out for validation."
+        )
+    logger.info("Imported a dataset into %s: %s", root, found)
+    return ImportedDataset(root=root, class_counts=found, skipped=skipped, has_val_folder=has_val)
+
+
+def _skipped_hint(skipped: Sequence[SkippedFile]) -> str:
+    if not skipped:
+        return "no file was skipped"
+    first = skipped[0]
+    return f"{len(skipped)} file(s) skipped, e.g. {first.name}: {first.reason}"
+
+
+def _new_dataset_dir(datasets_dir: Path) -> Path:
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    root = datasets_dir / secrets.token_hex(8)
+    root.mkdir()
+    return root
+
+
+def _too_big(size: int, limits: UploadLimits) -> str:
+    return f"{size / 1e6:,.0f} MB, more than the {limits.max_file_bytes / 1e6:,.0f} MB limit per image"
+
+
+def _suffix(name: str) -> str:
+    return PurePosixPath(name).suffix.lower() or "no extension"
+
+
+def _safe_file_name(name: str) -> str:
+    """A file name without separators or leading dots; an upload's name is only kept for readability."""
+    cleaned = re.sub(r"[^\w.\-]+", "_", PurePosixPath(name.replace("\\", "/")).name).lstrip(".")
+    return cleaned[-100:] or "image"
