@@ -73,6 +73,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run folders are shared (containers, Spaces)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
