@@ -95,7 +95,10 @@ def bench_model(run: Any, runtime: str, rounds: int, per_round: int) -> dict[str
     torch_p50, torch_p95 = percentiles(samples["torch"])
     fast_p50, fast_p95 = percentiles(samples[fast.runtime])
     per_image_8 = percentiles(timed(lambda: fast.predict_logits(batch8), max(10, per_round // 4)))[0] / 8
+    gflop = model_gflop(run.model, batch)
     return {
+        "gflop_per_image": gflop,
+        "default_gflop_per_s": gflop / (fast_p50 / 1e3),
         "runtime": fast.runtime,
         "torch_p50_ms": torch_p50,
         "torch_p95_ms": torch_p95,
@@ -105,6 +108,16 @@ def bench_model(run: Any, runtime: str, rounds: int, per_round: int) -> dict[str
         "default_batch8_ms_per_image": per_image_8,
         "threads": _threads(),
     }
+
+
+def model_gflop(model: Any, batch: Any) -> float:
+    """FLOPs of one forward pass (a multiply-add counts 2), to compare latency with the CPU's peak."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(batch)
+    return counter.get_total_flops() / 1e9
 
 
 def bench_e2e(run: Any, runtime: str, work: Path, repeats: int) -> dict[str, Any]:
@@ -362,7 +375,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         lines.append(
             f"1. model latency, batch 1, {m['threads']} threads: {eager}; {fast} -> {m['ratio_p50']:.2f}x "
             f"eager [target <= {TARGETS['model_ratio']}x]; {m['runtime']} at batch 8: "
-            f"{m['default_batch8_ms_per_image']:.2f} ms/image"
+            f"{m['default_batch8_ms_per_image']:.2f} ms/image; {m['gflop_per_image']:.2f} GFLOP per image: "
+            f"{m['runtime']} at batch 1 sustains {m['default_gflop_per_s']:.0f} GFLOP/s"
         )
     if "e2e" in results:
         e = results["e2e"]

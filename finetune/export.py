@@ -117,7 +117,13 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32) -> OnnxClassifier
             logger.info("Serving with ONNX Runtime from %s", path)
             return classifier
     logger.info("Exporting %s to ONNX at %s (once; later starts reuse it)", run.architecture, target)
-    result = export_onnx(run, target, sample_images(), batch_size=batch_size, fingerprint=fingerprint)
+    try:
+        result = export_onnx(run, target, sample_images(), batch_size=batch_size, fingerprint=fingerprint)
+    except OSError as error:  # a read-only or full disk: say where, and how to choose another place
+        raise RuntimeUnavailableError(
+            f"cannot write the ONNX export to {target.parent} ({error.strerror or error}); set {CACHE_ENV} "
+            "to a writable folder, or choose --runtime torch."
+        ) from error
     logger.info(
         "Exported in %.1f s; max probability difference to PyTorch %.1e on %d images",
         result.seconds,

@@ -109,7 +109,9 @@ def test_auto_falls_back_to_torch_with_a_warning_when_export_fails(
     with caplog.at_level(logging.WARNING):
         classifier = create_classifier(run, "auto")
     assert classifier.runtime == "torch"
-    assert "using PyTorch instead" in caplog.text
+    assert "using PyTorch instead" in caplog.text and "STUDIO_CACHE_DIR" in caplog.text
+    with pytest.raises(RuntimeUnavailableError, match="cannot write the ONNX export"):
+        create_classifier(run, "onnx")  # asked for explicitly: an error that says what to do, no fallback
 
 
 def test_onnx_runtime_without_onnxruntime_is_a_clear_error(
