@@ -80,11 +80,13 @@ def sample_photo() -> Any:
     return sample_images()[0]
 
 
-def bench_model(run: Any, runtime: str, rounds: int, per_round: int) -> dict[str, Any]:
-    from finetune.inference import Classifier, create_classifier
+def bench_model(run: Any, runtime: str, rounds: int, per_round: int, threads: int) -> dict[str, Any]:
+    from finetune.inference import Classifier, OnnxClassifier, create_classifier
 
     eager = Classifier(run, batch_size=1)
     fast = create_classifier(run, runtime)
+    if isinstance(fast, OnnxClassifier):  # the same thread count as PyTorch, which main() has set
+        fast = OnnxClassifier(run, fast.onnx_path, threads=threads)
     batch = fast.preprocess([sample_photo()])
     batch8 = fast.preprocess([sample_photo()] * 8)
     samples = interleaved(
@@ -106,7 +108,7 @@ def bench_model(run: Any, runtime: str, rounds: int, per_round: int) -> dict[str
         "default_p95_ms": fast_p95,
         "ratio_p50": fast_p50 / torch_p50,
         "default_batch8_ms_per_image": per_image_8,
-        "threads": _threads(),
+        "threads": threads,
     }
 
 
@@ -359,12 +361,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def report(results: dict[str, dict[str, Any]]) -> None:
     """Human-readable lines, each with its target where the issue set one."""
     lines = []
@@ -428,6 +424,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="default", help="run folder, or 'default' (embedded model)")
     parser.add_argument("--runtime", default="auto", help="runtime under test: auto, onnx or torch")
     parser.add_argument("--app", type=Path, default=ROOT / "app.py", help="the app script (default: app.py)")
+    parser.add_argument(
+        "--threads", type=int, help="threads for both runtimes in part 1 (default: all cores)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds for model latency")
     parser.add_argument("--per-round", type=int, default=40, help="calls per runtime per round")
     parser.add_argument("--e2e-repeats", type=int, default=15, help="calls per path for end-to-end latency")
@@ -455,12 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if {"model", "e2e"} & set(parts):
+            import torch
+
             from finetune.checkpoint import load_run
-            from finetune.inference import load_default_run
+            from finetune.inference import available_cores, load_default_run
+
+            torch.set_num_threads(args.threads or available_cores())
 
             run = load_default_run() if args.checkpoint == "default" else load_run(args.checkpoint)
             if "model" in parts:
-                results["model"] = bench_model(run, args.runtime, args.rounds, args.per_round)
+                threads = args.threads or available_cores()
+                results["model"] = bench_model(run, args.runtime, args.rounds, args.per_round, threads)
             if "e2e" in parts:
                 results["e2e"] = bench_e2e(run, args.runtime, work, args.e2e_repeats)
         images = soak_images(work)

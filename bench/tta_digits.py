@@ -1,7 +1,7 @@
 """Does test-time augmentation pay? Top-1 of a run on a labelled folder with and without `--tta` views.
 
     python bench/finetune_digits.py --work /tmp/digits            # the digits benchmark: run + held-out split
-    python bench/tta_digits.py /tmp/digits/run /tmp/digits/test   # then this, on the same held-out 30%
+    python bench/tta_digits.py /tmp/digits/run /tmp/digits/data/test   # then this, on the same held-out 30%
 
 Each scale set is a list of zoom factors (see `finetune.inference.parse_tta`); every image is decoded once
 and classified under each set by the same classifier, so only the views differ between rows.
