@@ -16,7 +16,7 @@ import numpy as np
 
 from finetune.cli import configure_logging, run_cli
 from finetune.errors import DatasetError
-from finetune.images import is_image_file, open_image
+from finetune.images import is_image_file
 from finetune.inference import RUNTIMES
 
 
@@ -35,6 +35,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="also write confusion_matrix.png and reports there")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
+    parser.add_argument(
+        "--tta", nargs="?", const="default", default=None,
+        help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
     return parser
 
@@ -62,28 +66,29 @@ def labelled_files(data_dir: Path, labels: list[str]) -> list[tuple[Path, int]]:
 
 
 def evaluate_folder(
-    data_dir: Path, checkpoint: str, batch_size: int = 32, runtime: str = "auto"
+    data_dir: Path, checkpoint: str, batch_size: int = 32, runtime: str = "auto", tta: str | None = None
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """Metrics dict (top1, top5, n, per_class, bad_files), confusion matrix and labels."""
     from finetune.checkpoint import load_run
     from finetune.errors import ImageError
-    from finetune.inference import create_classifier
+    from finetune.inference import create_classifier, parse_tta
     from finetune.reports import classification_report, confusion_matrix
 
     run = load_run(checkpoint)
     classifier = create_classifier(run, runtime=runtime, batch_size=batch_size)
     files = labelled_files(data_dir, run.labels)
+    scales = parse_tta(tta)
     probs_parts, targets, bad = [], [], []
     for start in range(0, len(files), batch_size):
         images, batch_targets = [], []
         for path, target in files[start : start + batch_size]:
             try:
-                images.append(open_image(path))
+                images.append(classifier.open(path))
                 batch_targets.append(target)
             except ImageError as error:
                 bad.append({"path": str(path), "error": str(error)})
         if images:
-            probs_parts.append(classifier.predict_probs(images))
+            probs_parts.append(classifier.predict_probs(images, tta=scales))
             targets.extend(batch_targets)
     if not targets:
         raise DatasetError(f"none of the {len(files)} images in '{data_dir}' could be read.")
@@ -111,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from finetune.reports import format_report, write_reports
 
-    metrics, matrix, labels = evaluate_folder(args.data_dir, args.checkpoint, args.batch_size, args.runtime)
+    metrics, matrix, labels = evaluate_folder(
+        args.data_dir, args.checkpoint, args.batch_size, args.runtime, args.tta
+    )
     if args.out_dir is not None:
         write_reports(args.out_dir, matrix, labels)
     if args.json:

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from finetune.cli import configure_logging, run_cli
 from finetune.errors import ImageError
-from finetune.images import is_image_file, open_image
-from finetune.inference import RUNTIMES
+from finetune.images import is_image_file
+from finetune.inference import RUNTIMES, parse_tta
 
 BASE_COLUMNS = ["path", "label", "prob", "error"]
 
@@ -37,6 +37,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
+    parser.add_argument(
+        "--tta", nargs="?", const="default", default=None,
+        help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
     return parser
 
@@ -53,7 +57,7 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 
 def predict_rows(
-    classifier: Any, files: Sequence[Path], top_k: int, batch_size: int
+    classifier: Any, files: Sequence[Path], top_k: int, batch_size: int, tta: Sequence[float] | None = None
 ) -> Iterator[dict[str, Any]]:
     """CSV rows in input order, classifying in batches; unreadable files yield a row with `error`."""
     from finetune.inference import top_k as rank
@@ -63,10 +67,11 @@ def predict_rows(
         images, errors = {}, {}
         for index, path in enumerate(chunk):
             try:
-                images[index] = open_image(path, draft_size=classifier.draft_size)
+                images[index] = classifier.open(path)
             except ImageError as error:
                 errors[index] = str(error)
-        predictions = iter(rank(classifier.predict_probs(list(images.values())), classifier.labels, top_k))
+        probs = classifier.predict_probs(list(images.values()), tta=tta)
+        predictions = iter(rank(probs, classifier.labels, top_k))
         for index, path in enumerate(chunk):
             row: dict[str, Any] = {"path": str(path), "label": "", "prob": "", "error": errors.get(index, "")}
             if index in images:
@@ -104,20 +109,23 @@ def _predict(args: argparse.Namespace) -> int:
     run = load_checkpoint_or_default(args.checkpoint)
     classifier = create_classifier(run, runtime=args.runtime, batch_size=args.batch_size)
     top_k = min(args.top_k, len(run.labels))
+    tta = parse_tta(args.tta)
     if args.out is None:
-        return _write_csv(sys.stdout, classifier, files, top_k, args.batch_size)
+        return _write_csv(sys.stdout, classifier, files, top_k, args.batch_size, tta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="", encoding="utf-8") as stream:
-        status = _write_csv(stream, classifier, files, top_k, args.batch_size)
+        status = _write_csv(stream, classifier, files, top_k, args.batch_size, tta)
     print(f"Wrote {len(files)} rows to {args.out}", file=sys.stderr)
     return status
 
 
-def _write_csv(stream: TextIO, classifier: Any, files: Sequence[Path], top_k: int, batch_size: int) -> int:
+def _write_csv(
+    stream: TextIO, classifier: Any, files: Sequence[Path], top_k: int, batch_size: int, tta: Any
+) -> int:
     writer = csv.DictWriter(stream, fieldnames=columns(top_k), extrasaction="ignore")
     writer.writeheader()
     failures = 0
-    for row in predict_rows(classifier, files, top_k, batch_size):
+    for row in predict_rows(classifier, files, top_k, batch_size, tta):
         writer.writerow(row)
         failures += bool(row["error"])
     if failures:
