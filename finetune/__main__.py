@@ -89,11 +89,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--hflip", action="store_true", help="random horizontal flips (only if flips keep meaning)"
     )
     recipe.add_argument(
-        "--no-freeze-stem",
-        dest="freeze_stem",
-        action="store_false",
-        help="also train the stem and first stage",
-    )
+        "--frozen-groups", type=int, default=d["frozen_groups"],
+        help="leading layer groups (stem, then stages or blocks) kept frozen while fine-tuning; -1 = the "
+        "first half (generic features, and the costliest layers to train on a CPU), 0 = train everything",
+    )  # fmt: skip
     recipe.add_argument(
         "--train-bn",
         dest="freeze_bn",

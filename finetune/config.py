@@ -42,7 +42,9 @@ class TrainConfig:
     img_size: int = 0  # square train/eval size; 0 picks from the data (about 2x small images, else native)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while fine-tuning (stable on small data)
-    freeze_stem: bool = True  # keep the stem and first stage frozen when fine-tuning (faster on CPU)
+    frozen_groups: int = (
+        -1
+    )  # leading layer groups (stem first) kept frozen when fine-tuning; -1 = half of them
     val_fraction: float = 0.2  # share of each class held out when DATA_DIR has no val/ folder
     patience: int = 3  # early stopping: epochs without a better validation score
     probe_epochs: int = 60  # linear-probe epochs on cached features (cheap: the backbone runs once)
@@ -66,6 +68,7 @@ class TrainConfig:
         _at_least("patience", self.patience, 1)
         _at_least("probe_epochs", self.probe_epochs, 1)
         _at_least("workers", self.workers, 0)
+        _at_least("frozen_groups", self.frozen_groups, -1)
         _at_least("warmup_epochs", self.warmup_epochs, 0)
         _at_least("weight_decay", self.weight_decay, 0)
         _at_least("clip_grad", self.clip_grad, 0)

@@ -54,7 +54,7 @@ from finetune.modeling import create_model_and_transforms, resolve_model_data_co
 logger = logging.getLogger(__name__)
 
 BAD_FILES = "bad_files.txt"
-MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 300
+MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 180
 BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
 
 
@@ -296,8 +296,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     """Full fine-tuning with early stopping; returns True when stopped by a request."""
     config = run.config
     model = run.model
-    if config.freeze_stem:
-        _freeze_early_layers(model)
+    _freeze_early_layers(model, config.frozen_groups)
     lr = config.lr * config.batch_size / 32  # linear scaling rule for the global batch
     optimizer = create_optimizer_v2(
         model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
@@ -400,14 +399,18 @@ def _make_scheduler(
     )  # fmt: skip
 
 
-def _freeze_early_layers(model: torch.nn.Module) -> None:
-    """Freeze the stem and the first stage: generic edges, and the costliest layers to backprop on CPU."""
+def _freeze_early_layers(model: torch.nn.Module, count: int) -> None:
+    """Freeze the first `count` layer groups of timm's coarse grouping (-1: the first half, rounded up).
+
+    Early layers hold generic edge and texture detectors that small datasets cannot improve, and at high
+    resolution they are the costliest to backpropagate through: measured on lite0 at 224 px (bf16, 2 CPU
+    cores), training runs at 22 img/s with the stem and first stage frozen and 42 img/s with the first half.
+    """
     from timm.models import group_parameters
 
     groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
-    if len(groups) < 5:
-        return
-    frozen = {name for group in groups[:2] for name in group}
+    count = math.ceil(len(groups) / 2) if count < 0 else count
+    frozen = {name for group in groups[: min(count, len(groups) - 1)] for name in group}
     for name, parameter in model.named_parameters():
         if name in frozen:
             parameter.requires_grad_(False)
