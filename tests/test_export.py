@@ -18,10 +18,14 @@ from finetune.export import ONNX_FILE, export_onnx, main, weights_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# other tests serve the shared tiny run with runtime "auto", which exports model.onnx into it
+NO_ONNX = shutil.ignore_patterns("model.onnx")
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path, untrained_run_dir: Path) -> Path:
     """A private copy of the tiny run, so exports into it do not leak into other tests."""
-    return Path(shutil.copytree(untrained_run_dir, tmp_path / "run"))
+    return Path(shutil.copytree(untrained_run_dir, tmp_path / "run", ignore=NO_ONNX))
 
 
 def test_export_writes_a_checked_model_with_a_dynamic_batch_axis(

@@ -28,15 +28,21 @@ from finetune.inference import Classifier, OnnxClassifier, create_classifier, pa
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
+# other tests serve the shared tiny run with runtime "auto", which exports model.onnx into it
+NO_ONNX = shutil.ignore_patterns("model.onnx")
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path, untrained_run_dir: Path) -> Path:
-    return Path(shutil.copytree(untrained_run_dir, tmp_path / "run"))
+    return Path(shutil.copytree(untrained_run_dir, tmp_path / "run", ignore=NO_ONNX))
 
 
 @pytest.fixture(scope="module")
 def exported_run_dir(tmp_path_factory: pytest.TempPathFactory, untrained_run_dir: Path) -> Path:
     """The tiny run with its model.onnx, exported once for the tests that only read it."""
-    run_dir = Path(shutil.copytree(untrained_run_dir, tmp_path_factory.mktemp("exported") / "run"))
+    run_dir = Path(
+        shutil.copytree(untrained_run_dir, tmp_path_factory.mktemp("exported") / "run", ignore=NO_ONNX)
+    )
     assert main([str(run_dir), "--quiet"]) == 0
     return run_dir
 
