@@ -17,7 +17,7 @@ import numpy as np
 from finetune.cli import configure_logging, run_cli
 from finetune.errors import DatasetError
 from finetune.images import is_image_file
-from finetune.inference import RUNTIMES
+from finetune.inference import add_inference_arguments
 
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -33,13 +33,7 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object on stdout instead of tables"
     )
     parser.add_argument("--out-dir", type=Path, help="also write confusion_matrix.png and reports there")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
-    parser.add_argument(
-        "--tta", nargs="?", const="default", default=None,
-        help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
+    add_inference_arguments(parser)
     return parser
 
 

@@ -315,3 +315,14 @@ def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 3
             str(error).splitlines()[0][:300] if str(error) else "",
         )
         return Classifier(run, batch_size=batch_size)
+
+
+def add_inference_arguments(parser: Any) -> None:
+    """--batch-size, --runtime, --tta and --quiet, shared by the predict and evaluate CLIs."""
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
+    parser.add_argument(
+        "--tta", nargs="?", const="default", default=None,
+        help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")

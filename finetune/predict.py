@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from finetune.cli import configure_logging, run_cli
 from finetune.errors import ImageError
 from finetune.images import is_image_file
-from finetune.inference import RUNTIMES, parse_tta
+from finetune.inference import add_inference_arguments, parse_tta
 
 BASE_COLUMNS = ["path", "label", "prob", "error"]
 
@@ -35,13 +35,7 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-k", type=int, default=5, help="how many classes to list per image")
     parser.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime")
-    parser.add_argument(
-        "--tta", nargs="?", const="default", default=None,
-        help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
+    add_inference_arguments(parser)
     return parser
 
 
