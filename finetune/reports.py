@@ -108,7 +108,10 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
             acc_axis.plot(*zip(*points, strict=True), marker="o", label=name)
     loss_axis.set(title="Loss", xlabel="epoch (0 = linear probe)", ylabel="cross-entropy")
     acc_axis.set(title="Accuracy", xlabel="epoch (0 = linear probe)", ylabel="accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for axis in (loss_axis, acc_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
