@@ -231,29 +231,35 @@ def classify(client: Any, image: Path, k: int = 5) -> Any:
     return client.predict(handle_file(str(image)), k, api_name="/classify")
 
 
+def _client_process(url: str, image: str, count: int) -> list[float]:
+    """One visitor in its own process (real visitors do not share a Python interpreter): request latencies."""
+    client = connect(url)
+    latencies = []
+    for _ in range(count):
+        start = time.perf_counter()
+        classify(client, Path(image))
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
 def bench_http(server: AppServer, image: Path, requests: int, clients: int) -> dict[str, Any]:
-    def one_client(count: int, latencies: list[float]) -> None:
-        client = connect(server.url)
-        for _ in range(count):
-            start = time.perf_counter()
-            classify(client, image)
-            latencies.append(time.perf_counter() - start)
+    """Requests per second for one visitor at a time, then `clients` visitors at once, each a process.
 
-    one_client(3, [])  # warm-up
-    sequential: list[float] = []
-    start = time.perf_counter()
-    one_client(requests, sequential)
-    sequential_rps = requests / (time.perf_counter() - start)
+    Client threads in one process would share its GIL, so the benchmark would measure its own client.
+    """
+    from concurrent.futures import ProcessPoolExecutor
 
-    concurrent: list[float] = []
     per_client = max(1, requests // clients)
-    threads = [threading.Thread(target=one_client, args=(per_client, concurrent)) for _ in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    concurrent_rps = per_client * clients / (time.perf_counter() - start)
+    with ProcessPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(_client_process, [server.url] * clients, [str(image)] * clients, [2] * clients))  # warm
+        start = time.perf_counter()
+        sequential = pool.submit(_client_process, server.url, str(image), requests).result()
+        sequential_rps = requests / (time.perf_counter() - start)
+        start = time.perf_counter()
+        parts = list(pool.map(_client_process, [server.url] * clients, [str(image)] * clients,
+                              [per_client] * clients))  # fmt: skip
+        concurrent_rps = per_client * clients / (time.perf_counter() - start)
+    concurrent = [latency for part in parts for latency in part]
     return {
         "sequential_rps": sequential_rps,
         "sequential_p50_ms": percentiles(sequential)[0],
