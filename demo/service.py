@@ -10,7 +10,6 @@ visitors share forward passes; Grad-CAM works on a private copy of the model und
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
 from finetune.images import ImageSource, open_image
 from finetune.inference import Classifier, Prediction, create_classifier, top_k
+from finetune.modeling import draft_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class InferenceService:
     def _open(self, model: _Model, image: ImageSource, name: str | None, scale: float = 1.0) -> Image.Image:
         """Open through `open_image`, decoding JPEGs only as large as the run's resize step needs."""
         try:
-            picture = open_image(image, draft_size=_draft_size(model.run.data_config, scale))
+            picture = open_image(image, draft_size=draft_size_for(model.run.data_config, scale))
         except ImageError as error:
             if name and isinstance(image, (str, Path)):  # uploads live under random cache paths
                 raise ImageError(str(error).replace(str(image), name)) from error
@@ -288,14 +288,6 @@ class InferenceService:
                 f"use an image at least {MIN_IMAGE_SIDE} pixels on each side."
             )
         return picture
-
-
-def _draft_size(data_config: dict[str, Any], scale: float) -> tuple[int, int]:
-    """The smallest decode that still covers the eval resize (input size / crop_pct), times `scale`."""
-    _, height, width = data_config["input_size"]
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    side = math.ceil(max(height, width) / crop_pct * scale)
-    return side, side
 
 
 def _check_k(k: Any) -> int:

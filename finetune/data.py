@@ -141,6 +141,7 @@ def build_cache(
     cache_path: Path | None = None,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    draft_size: tuple[int, int] | None = None,
 ) -> CachedImages:
     """Decode, resize and crop every image once; return uint8 pixels of the good ones.
 
@@ -156,11 +157,10 @@ def build_cache(
     pixels = np.zeros((count, 3, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(count, dtype=bool)
     errors: dict[int, str] = {}
-    draft = (image_size, image_size)
 
     def decode(index: int) -> None:
         try:
-            image = geometric_transform(open_image(samples[index].path, draft_size=draft))
+            image = geometric_transform(open_image(samples[index].path, draft_size=draft_size))
             array = np.asarray(image, dtype=np.uint8)
             if array.shape[:2] != (image_size, image_size):
                 raise ImageError(f"resized to {array.shape[:2]}, expected {image_size}")

@@ -25,13 +25,12 @@ from PIL import Image
 from finetune.checkpoint import LoadedRun
 from finetune.errors import CheckpointError, ConfigError, ImageError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
-from finetune.modeling import split_eval_transform
+from finetune.modeling import draft_size_for, split_eval_transform
 
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "torch")
 DEFAULT_RUN = "default"  # checkpoint name of the embedded ImageNet tf_efficientnet_lite0
-DRAFT_OVERSAMPLE = 2  # JPEGs are decoded at >= 2x the resize target, so the one resize still antialiases
 DEFAULT_TTA_SCALES = (1.0, 0.875, 1.15)  # zoom factors of the test-time views; 1.0 is the plain eval view
 ONNX_INSTALL_HINT = "`pip install onnxruntime` (or onnxruntime-gpu), or choose --runtime torch"
 
@@ -88,19 +87,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no sched_getaffinity
         return os.cpu_count() or 1
-
-
-def draft_size_for(data_config: dict[str, Any]) -> tuple[int, int]:
-    """Smallest JPEG decode size that keeps a single resize as good as decoding at full size.
-
-    The eval transform resizes the shorter side to `input / crop_pct`; asking the decoder for twice that lets
-    it skip up to 7/8 of a large photo's pixels while the final bicubic resize still averages >= 2 source
-    pixels per output pixel (measured: under 1/255 mean pixel difference, same top-1).
-    """
-    _, height, width = data_config["input_size"]
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    side = int(round(max(height, width) / min(crop_pct, 1.0) * DRAFT_OVERSAMPLE))
-    return side, side
 
 
 def parse_tta(text: str | None) -> tuple[float, ...] | None:

@@ -49,7 +49,12 @@ from finetune.engine import (
 )
 from finetune.errors import ConfigError, DatasetError
 from finetune.model_card import write_model_card
-from finetune.modeling import create_model_and_transforms, resolve_model_data_config, split_eval_transform
+from finetune.modeling import (
+    create_model_and_transforms,
+    draft_size_for,
+    resolve_model_data_config,
+    split_eval_transform,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +152,7 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
     image_size = config.img_size or suggest_image_size(split.train, native)
     data_config = resolve_model_data_config(model, image_size)
     geometric, mean, std = split_eval_transform(data_config)
+    draft = draft_size_for(data_config)  # decode as inference does, so both see the same pixels
     cache_dir = config.cache_dir or (config.out / ".cache")
     caches = {}
     for name, samples in (("train", split.train), ("val", split.val)):
@@ -161,10 +167,14 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
 
         path = cache_dir / f"{name}_{image_size}.npy"
         if dist.is_local_main:
-            caches[name] = build_cache(samples, geometric, image_size, path, config.workers or None, progress)
+            caches[name] = build_cache(
+                samples, geometric, image_size, path, config.workers or None, progress, draft
+            )
         dist.barrier()
         if not dist.is_local_main:
-            caches[name] = build_cache(samples, geometric, image_size, path, config.workers or None)
+            caches[name] = build_cache(
+                samples, geometric, image_size, path, config.workers or None, None, draft
+            )
     bad = caches["train"].bad_files + caches["val"].bad_files
     _check_usable(split.classes, caches["train"], bad, config.data_dir)
     precision = resolve_precision(config.precision, dist.device)

@@ -76,3 +76,15 @@ def untrained_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_dir, created.model, ["cat", "coffee", "rocket"], created.data_config, {"weights_source": "none"}
     )
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def service():
+    """The app's inference service on the embedded ImageNet model (one per test module)."""
+    from demo.service import InferenceService
+
+    service = InferenceService.from_checkpoint(None)
+    try:
+        yield service
+    finally:
+        service.close()

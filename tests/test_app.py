@@ -29,15 +29,6 @@ CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby"}
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[InferenceService]:
-    service = InferenceService.from_checkpoint(None)
-    try:
-        yield service
-    finally:
-        service.close()
-
-
-@pytest.fixture(scope="module")
 def url(service: InferenceService) -> Iterator[str]:
     with serve(service) as local_url:
         yield local_url

@@ -76,15 +76,6 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[InferenceService]:
-    service = InferenceService.from_checkpoint(None)
-    try:
-        yield service
-    finally:
-        service.close()
-
-
-@pytest.fixture(scope="module")
 def url(service: InferenceService, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The full app, Detect and Segment tabs included."""
     vision = random_vision_service(tmp_path_factory.mktemp("vision_weights"))
