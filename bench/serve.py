@@ -219,10 +219,18 @@ def app_server(
         server.stop()
 
 
-def connect(url: str) -> Any:
+def connect(url: str, ssl_verify: bool = False) -> Any:
+    """A gradio_client for the app on loopback.
+
+    `ssl_verify=False` because gradio_client builds a new httpx client for every upload and every request,
+    and with verification on each one loads the system's CA bundle: measured 126 ms of client CPU per
+    classify call against 10 ms without it. On plain http://127.0.0.1 there is no TLS to verify, and that
+    client-side cost, paid on the same two cores as the server, would otherwise be most of what part 3
+    measures (real visitors pay it on their own machines).
+    """
     from gradio_client import Client
 
-    return Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    return Client(url, verbose=False, analytics_enabled=False, download_files=False, ssl_verify=ssl_verify)
 
 
 def classify(client: Any, image: Path, k: int = 5) -> Any:
@@ -231,35 +239,69 @@ def classify(client: Any, image: Path, k: int = 5) -> Any:
     return client.predict(handle_file(str(image)), k, api_name="/classify")
 
 
-def _client_process(url: str, image: str, count: int) -> list[float]:
-    """One visitor in its own process (real visitors do not share a Python interpreter): request latencies."""
-    client = connect(url)
-    latencies = []
-    for _ in range(count):
-        start = time.perf_counter()
-        classify(client, Path(image))
-        latencies.append(time.perf_counter() - start)
-    return latencies
+def _visitor_process(
+    url: str, image: str, ssl_verify: bool, warmup: int, commands: Any, results: Any
+) -> None:
+    """One visitor in its own process (real visitors do not share a Python interpreter).
 
-
-def bench_http(server: AppServer, image: Path, requests: int, clients: int) -> dict[str, Any]:
-    """Requests per second for one visitor at a time, then `clients` visitors at once, each a process.
-
-    Client threads in one process would share its GIL, so the benchmark would measure its own client.
+    It connects and warms up once (its first request makes the server build the session's state), then runs
+    `count` requests each time the parent sends a count, reporting the latencies; None ends it.
     """
-    from concurrent.futures import ProcessPoolExecutor
+    client = connect(url, ssl_verify)
+    for _ in range(warmup):
+        classify(client, Path(image))
+    results.put([])
+    while (count := commands.get()) is not None:
+        latencies = []
+        for _ in range(count):
+            start = time.perf_counter()
+            classify(client, Path(image))
+            latencies.append(time.perf_counter() - start)
+        results.put(latencies)
 
-    per_client = max(1, requests // clients)
-    with ProcessPoolExecutor(max_workers=clients) as pool:
-        list(pool.map(_client_process, [server.url] * clients, [str(image)] * clients, [2] * clients))  # warm
-        start = time.perf_counter()
-        sequential = pool.submit(_client_process, server.url, str(image), requests).result()
-        sequential_rps = requests / (time.perf_counter() - start)
-        start = time.perf_counter()
-        parts = list(pool.map(_client_process, [server.url] * clients, [str(image)] * clients,
-                              [per_client] * clients))  # fmt: skip
-        concurrent_rps = per_client * clients / (time.perf_counter() - start)
-    concurrent = [latency for part in parts for latency in part]
+
+def bench_http(
+    server: AppServer, image: Path, requests: int, clients: int, ssl_verify: bool = False
+) -> dict[str, Any]:
+    """Requests per second for one visitor at a time, then `clients` visitors at once.
+
+    Every visitor is a separate process, connected and warmed up before any clock starts, so both figures
+    measure the server in steady state: client threads in one process would share its GIL (the benchmark
+    would measure its own client), and a visitor's first request also pays for its new session.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    commands = [context.Queue() for _ in range(clients)]
+    results = [context.Queue() for _ in range(clients)]
+    visitors = [
+        context.Process(
+            target=_visitor_process, args=(server.url, str(image), ssl_verify, 2, commands[n], results[n])
+        )
+        for n in range(clients)
+    ]
+    for visitor in visitors:
+        visitor.start()
+    try:
+        for queue in results:
+            queue.get(timeout=120)  # connected and warmed up
+
+        def run(active: int, count: int) -> tuple[float, list[float]]:
+            start = time.perf_counter()
+            for queue in commands[:active]:
+                queue.put(count)
+            latencies = [value for queue in results[:active] for value in queue.get(timeout=600)]
+            return active * count / (time.perf_counter() - start), latencies
+
+        sequential_rps, sequential = run(1, requests)
+        concurrent_rps, concurrent = run(clients, max(1, requests // clients))
+    finally:
+        for queue in commands:
+            queue.put(None)
+        for visitor in visitors:
+            visitor.join(timeout=30)
+            if visitor.is_alive():
+                visitor.kill()
     return {
         "sequential_rps": sequential_rps,
         "sequential_p50_ms": percentiles(sequential)[0],
@@ -267,6 +309,7 @@ def bench_http(server: AppServer, image: Path, requests: int, clients: int) -> d
         "concurrent_rps": concurrent_rps,
         "concurrent_p50_ms": percentiles(concurrent)[0],
         "speedup": concurrent_rps / sequential_rps,
+        "client_ssl_verify": ssl_verify,
     }
 
 
@@ -436,8 +479,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds for model latency")
     parser.add_argument("--per-round", type=int, default=40, help="calls per runtime per round")
     parser.add_argument("--e2e-repeats", type=int, default=15, help="calls per path for end-to-end latency")
-    parser.add_argument("--http-requests", type=int, default=48, help="requests per HTTP measurement")
+    parser.add_argument("--http-requests", type=int, default=96, help="requests per HTTP measurement")
     parser.add_argument("--http-clients", type=int, default=8, help="concurrent clients for HTTP throughput")
+    parser.add_argument(
+        "--client-ssl-verify",
+        action="store_true",
+        help="part 3: keep gradio_client's CA loading on every request (see `connect`): mostly client CPU",
+    )
     parser.add_argument("--soak-s", type=float, default=60.0, help="soak duration in seconds")
     parser.add_argument("--soak-clients", type=int, default=50, help="concurrent soak clients")
     parser.add_argument("--start-timeout-s", type=float, default=180.0, help="limit for one server start")
@@ -481,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.first_answer(images["good"][1], timeout_s=args.start_timeout_s)
                 if "http" in parts:
                     image, requests, clients = images["good"][1], args.http_requests, args.http_clients
-                    results["http"] = bench_http(server, image, requests, clients)
+                    results["http"] = bench_http(server, image, requests, clients, args.client_ssl_verify)
                 if "soak" in parts:
                     soak = bench_soak(server, images, args.soak_clients, args.soak_s)
                     results["soak"] = {**soak, "clients": args.soak_clients, "seconds": args.soak_s}
