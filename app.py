@@ -103,7 +103,11 @@ def get_parser() -> argparse.ArgumentParser:
         "ImageNet tf_efficientnet_lite0)",
     )
     model.add_argument(
-        "--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)"
+        "--runtime",
+        choices=RUNTIMES,
+        default=os.environ.get("STUDIO_RUNTIME") or "auto",
+        help="inference runtime: auto (ONNX Runtime FP32 when available, else PyTorch), onnx, onnx-int8 "
+        "(quantized: faster, checked against FP32 first) or torch (default: env STUDIO_RUNTIME, else auto)",
     )
     training = parser.add_argument_group("training (the Train tab)")
     training.add_argument(

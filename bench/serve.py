@@ -5,7 +5,8 @@
     python bench/serve.py --only http,cold,soak --soak-s 20 --soak-clients 20
 
 1. model: p50/p95 of the model call at batch 1, PyTorch eager against the default runtime (`--runtime`,
-   auto = ONNX Runtime when available), measured interleaved in rounds so both see the same machine load.
+   auto = ONNX Runtime FP32 when available) and the opt-in INT8 export (`--runtime onnx-int8`), measured
+   interleaved in rounds so all of them see the same machine load.
 2. e2e: file -> top-k for a 4000x3000 JPEG and a 224 px PNG made from a real photo, the default path
    (draft decoding, fast preprocessing, default runtime) against the naive one (full decode, timm transform,
    PyTorch).
@@ -81,35 +82,48 @@ def sample_photo() -> Any:
 
 
 def bench_model(run: Any, runtime: str, rounds: int, per_round: int, threads: int) -> dict[str, Any]:
+    """Batch-1 latency of PyTorch eager, the default runtime and the opt-in INT8 export, interleaved."""
+    from finetune.errors import StudioError
     from finetune.inference import Classifier, OnnxClassifier, create_classifier
 
-    eager = Classifier(run, batch_size=1)
-    fast = create_classifier(run, runtime)
-    if isinstance(fast, OnnxClassifier):  # the same thread count as PyTorch, which main() has set
-        fast = OnnxClassifier(run, fast.onnx_path, threads=threads)
-    batch = fast.preprocess([sample_photo()])
-    batch8 = fast.preprocess([sample_photo()] * 8)
+    def same_threads(classifier: Any) -> Any:  # the thread count PyTorch has (main() sets it)
+        if isinstance(classifier, OnnxClassifier):
+            runtime_name = classifier.runtime
+            classifier = OnnxClassifier(run, classifier.onnx_path, threads=threads)
+            classifier.runtime = runtime_name
+        return classifier
+
+    contenders = {
+        "torch": Classifier(run, batch_size=1),
+        "default": same_threads(create_classifier(run, runtime)),
+    }
+    try:
+        contenders["int8"] = same_threads(create_classifier(run, "onnx-int8"))
+    except StudioError as error:  # onnxruntime missing, or quantization refused for this model
+        print(f"(INT8 not measured: {error})", file=sys.stderr)
+    batch = contenders["default"].preprocess([sample_photo()])
+    batch8 = contenders["default"].preprocess([sample_photo()] * 8)
     samples = interleaved(
-        {"torch": lambda: eager.predict_logits(batch), fast.runtime: lambda: fast.predict_logits(batch)},
+        {name: lambda c=classifier: c.predict_logits(batch) for name, classifier in contenders.items()},
         rounds,
         per_round,
     )
-    torch_p50, torch_p95 = percentiles(samples["torch"])
-    fast_p50, fast_p95 = percentiles(samples[fast.runtime])
-    per_image_8 = percentiles(timed(lambda: fast.predict_logits(batch8), max(10, per_round // 4)))[0] / 8
     gflop = model_gflop(run.model, batch)
-    return {
-        "gflop_per_image": gflop,
-        "default_gflop_per_s": gflop / (fast_p50 / 1e3),
-        "runtime": fast.runtime,
-        "torch_p50_ms": torch_p50,
-        "torch_p95_ms": torch_p95,
-        "default_p50_ms": fast_p50,
-        "default_p95_ms": fast_p95,
-        "ratio_p50": fast_p50 / torch_p50,
-        "default_batch8_ms_per_image": per_image_8,
-        "threads": threads,
-    }
+    result: dict[str, Any] = {"gflop_per_image": gflop, "threads": threads}
+    torch_p50 = percentiles(samples["torch"])[0]
+    for name, classifier in contenders.items():
+        p50, p95 = percentiles(samples[name])
+        result[name] = {
+            "runtime": classifier.runtime,
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "ratio_p50": p50 / torch_p50,
+        }
+        if name != "torch":
+            per_batch8 = timed(lambda c=classifier: c.predict_logits(batch8), max(10, per_round // 4))
+            result[name]["batch8_ms_per_image"] = percentiles(per_batch8)[0] / 8
+            result[name]["gflop_per_s"] = gflop / (p50 / 1e3)
+    return result
 
 
 def model_gflop(model: Any, batch: Any) -> float:
@@ -415,14 +429,18 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     lines = []
     if "model" in results:
         m = results["model"]
-        eager = f"PyTorch eager p50 {m['torch_p50_ms']:.2f} ms (p95 {m['torch_p95_ms']:.2f})"
-        fast = f"{m['runtime']} p50 {m['default_p50_ms']:.2f} ms (p95 {m['default_p95_ms']:.2f})"
+        eager = f"PyTorch eager p50 {m['torch']['p50_ms']:.2f} ms (p95 {m['torch']['p95_ms']:.2f})"
         lines.append(
-            f"1. model latency, batch 1, {m['threads']} threads: {eager}; {fast} -> {m['ratio_p50']:.2f}x "
-            f"eager [target <= {TARGETS['model_ratio']}x]; {m['runtime']} at batch 8: "
-            f"{m['default_batch8_ms_per_image']:.2f} ms/image; {m['gflop_per_image']:.2f} GFLOP per image: "
-            f"{m['runtime']} at batch 1 sustains {m['default_gflop_per_s']:.0f} GFLOP/s"
+            f"1. model latency, batch 1, {m['threads']} threads, {m['gflop_per_image']:.2f} GFLOP: {eager}"
         )
+        for name in ("default", "int8"):
+            if name in m:
+                r = m[name]
+                lines.append(
+                    f"   {name} ({r['runtime']}): p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f}) -> "
+                    f"{r['ratio_p50']:.2f}x eager [target <= {TARGETS['model_ratio']}x]; batch 8: "
+                    f"{r['batch8_ms_per_image']:.2f} ms/image; {r['gflop_per_s']:.0f} GFLOP/s at batch 1"
+                )
     if "e2e" in results:
         e = results["e2e"]
         for label in ("jpeg_4000x3000", "png_224"):

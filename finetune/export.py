@@ -3,6 +3,7 @@
     python -m finetune.export RUN_DIR --onnx            # writes RUN_DIR/model.onnx
     python -m finetune.export default --onnx            # the embedded ImageNet model, into the export cache
     python -m finetune.export RUN_DIR --out DIR --images PHOTOS/
+    python -m finetune.export RUN_DIR --int8            # also model.int8.onnx (see finetune.quantize)
 
 The export uses PyTorch's `torch.export`-based ONNX exporter (`dynamo=True`; the TorchScript one is
 deprecated) with ONNX-level optimisation, so the graph is plain Conv/Gemm nodes that ONNX Runtime fuses well;
@@ -41,6 +42,7 @@ from finetune.inference import (
     OnnxClassifier,
     has_module,
 )
+from finetune.quantize import INT8_FILE, META_PRECISION, Int8Report, quantization_images, quantize_export
 
 logger = logging.getLogger(__name__)
 
@@ -97,32 +99,38 @@ def cache_root() -> Path:
     return Path(base) / "image-recognition-studio"
 
 
-def onnx_locations(run: LoadedRun, fingerprint: str) -> tuple[list[Path], Path]:
-    """(places to look for a matching export, in order; the place to write a new one)."""
-    cached = cache_root() / "onnx" / f"{run.architecture}-{fingerprint[:16]}" / ONNX_FILE
+def onnx_locations(run: LoadedRun, fingerprint: str, name: str = ONNX_FILE) -> tuple[list[Path], Path]:
+    """(places to look for a matching export named `name`, in order; the place to write a new one)."""
+    cached = cache_root() / "onnx" / f"{run.architecture}-{fingerprint[:16]}" / name
     if run.run_dir is None:
         return [cached], cached
-    own = Path(run.run_dir) / ONNX_FILE
+    own = Path(run.run_dir) / name
     return [own, cached], own if _is_writable_run_dir(Path(run.run_dir)) else cached
 
 
-def load_onnx_classifier(run: LoadedRun, batch_size: int = 32) -> OnnxClassifier:
-    """An `OnnxClassifier` on a matching export of `run`; exports (and checks) one first if there is none."""
+def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = False) -> OnnxClassifier:
+    """An `OnnxClassifier` on a matching export of `run`; exports (and checks) one first if there is none.
+
+    `int8=True` serves the quantized `model.int8.onnx` instead, quantizing the FP32 export first when there
+    is no matching one (see `finetune.quantize`).
+    """
     fingerprint = weights_fingerprint(run)
-    candidates, target = onnx_locations(run, fingerprint)
+    candidates, target = onnx_locations(run, fingerprint, INT8_FILE if int8 else ONNX_FILE)
     for path in candidates:
-        classifier = _open_if_matching(run, path, fingerprint, batch_size)
+        classifier = _open_if_matching(run, path, fingerprint, batch_size, "int8" if int8 else "fp32")
         if classifier is not None:
             logger.info("Serving with ONNX Runtime from %s", path)
             return classifier
+    if int8:
+        fp32 = load_onnx_classifier(run, batch_size)
+        logger.info("Quantizing %s to INT8 at %s (once; later starts reuse it)", run.architecture, target)
+        with _writable(target):
+            classifier, report = export_int8(fp32, target, sample_images(), fingerprint)
+        logger.info("Quantized: %s", report.summary())
+        return classifier
     logger.info("Exporting %s to ONNX at %s (once; later starts reuse it)", run.architecture, target)
-    try:
+    with _writable(target):
         result = export_onnx(run, target, sample_images(), batch_size=batch_size, fingerprint=fingerprint)
-    except OSError as error:  # a read-only or full disk: say where, and how to choose another place
-        raise RuntimeUnavailableError(
-            f"cannot write the ONNX export to {target.parent} ({error.strerror or error}); set {CACHE_ENV} "
-            "to a writable folder, or choose --runtime torch."
-        ) from error
     logger.info(
         "Exported in %.1f s; max probability difference to PyTorch %.1e on %d images",
         result.seconds,
@@ -130,6 +138,32 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32) -> OnnxClassifier
         result.parity.n_images,
     )
     return result.classifier
+
+
+@contextlib.contextmanager
+def _writable(target: Path) -> Iterator[None]:
+    """Turn a read-only or full disk into a message that says where, and how to choose another place."""
+    try:
+        yield
+    except OSError as error:
+        raise RuntimeUnavailableError(
+            f"cannot write the ONNX export to {target.parent} ({error.strerror or error}); set {CACHE_ENV} "
+            "to a writable folder, or choose --runtime torch."
+        ) from error
+
+
+def export_int8(
+    fp32: OnnxClassifier, path: Path, photos: Sequence[Image.Image], fingerprint: str
+) -> tuple[OnnxClassifier, Int8Report]:
+    """Quantize the FP32 export `fp32` into `path`, calibrated and checked on the run's own images when they
+    are on disk (else views of `photos`); nothing is written when the check fails."""
+    images = quantization_images(fp32.run, photos)
+    metadata = {**fp32.metadata, META_FINGERPRINT: fingerprint}
+    reports: list[Int8Report] = []
+    atomic_write(Path(path), lambda tmp: reports.append(quantize_export(fp32, tmp, images, metadata)))
+    classifier = OnnxClassifier(fp32.run, Path(path), batch_size=fp32.batch_size)
+    classifier.runtime = "onnx-int8"
+    return classifier, reports[0]
 
 
 def export_onnx(
@@ -274,7 +308,9 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             item.setLevel(level)
 
 
-def _open_if_matching(run: LoadedRun, path: Path, fingerprint: str, batch_size: int) -> OnnxClassifier | None:
+def _open_if_matching(
+    run: LoadedRun, path: Path, fingerprint: str, batch_size: int, precision: str = "fp32"
+) -> OnnxClassifier | None:
     if not path.is_file():
         return None
     try:
@@ -282,9 +318,12 @@ def _open_if_matching(run: LoadedRun, path: Path, fingerprint: str, batch_size: 
     except CheckpointError as error:
         logger.warning("Ignoring %s: %s", path, error)
         return None
-    if classifier.metadata.get(META_FINGERPRINT) != fingerprint:
+    metadata = classifier.metadata
+    if metadata.get(META_FINGERPRINT) != fingerprint or metadata.get(META_PRECISION, "fp32") != precision:
         logger.warning("%s was exported from other weights or another version; exporting again", path)
         return None
+    if precision == "int8":
+        classifier.runtime = "onnx-int8"
     return classifier
 
 
@@ -323,6 +362,12 @@ def get_parser() -> argparse.ArgumentParser:
         help=f"image files or folders to check the export on (up to {MAX_CHECK_IMAGES}; "
         "default: matplotlib's sample photos)",
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help=f"also write {INT8_FILE}: quantized, about 1.7x faster on VNNI CPUs; calibrated and checked "
+        "on the run's own images when its dataset is on disk; served with --runtime onnx-int8",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
     return parser
@@ -354,6 +399,14 @@ def _export_command(args: argparse.Namespace) -> int:
         f"checked on {parity.n_images} images: max probability difference {parity.max_prob_diff:.1e} "
         f"(limit {PARITY_TOLERANCE:.0e}), same top-1 on {parity.top1_agree}/{parity.n_images}"
     )
+    if args.int8:
+        int8_target = result.path.with_name(INT8_FILE)
+        start = time.perf_counter()
+        with _writable(int8_target):
+            int8, report = export_int8(result.classifier, int8_target, images, fingerprint)
+        size_mb = int8.onnx_path.stat().st_size / 1e6
+        print(f"wrote {int8.onnx_path} ({size_mb:.1f} MB, INT8) in {time.perf_counter() - start:.1f} s")
+        print(f"calibrated on {report.n_calibration} images; {report.summary()}")
     return 0
 
 

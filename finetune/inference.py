@@ -29,7 +29,7 @@ from finetune.modeling import draft_size_for, split_eval_transform
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnx", "torch")
+RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
 DEFAULT_RUN = "default"  # checkpoint name of the embedded ImageNet tf_efficientnet_lite0
 DEFAULT_TTA_SCALES = (1.0, 0.875, 1.15)  # zoom factors of the test-time views; 1.0 is the plain eval view
 ONNX_INSTALL_HINT = "`pip install onnxruntime` (or onnxruntime-gpu), or choose --runtime torch"
@@ -278,6 +278,8 @@ def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 3
     "torch" runs PyTorch. "onnx" runs ONNX Runtime on the run's `model.onnx`, exporting it first (into the run
     folder, or a cache folder when that is read-only) if it is missing or stale; failures are errors. "auto"
     does the same but falls back to PyTorch with a warning when onnxruntime is missing or export fails.
+    "onnx-int8" serves the quantized `model.int8.onnx` (opt-in: faster, probabilities not exactly FP32's),
+    quantizing and checking it first if needed (see `finetune.quantize`); failures are errors.
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"invalid runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}.")
@@ -285,10 +287,10 @@ def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 3
         return Classifier(run, batch_size=batch_size)
     from finetune.export import load_onnx_classifier  # export builds on this module, so import late
 
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-int8"):
         if not has_module("onnxruntime"):
-            raise RuntimeUnavailableError(f"--runtime onnx needs onnxruntime: {ONNX_INSTALL_HINT}.")
-        return load_onnx_classifier(run, batch_size=batch_size)
+            raise RuntimeUnavailableError(f"--runtime {runtime} needs onnxruntime: {ONNX_INSTALL_HINT}.")
+        return load_onnx_classifier(run, batch_size=batch_size, int8=runtime == "onnx-int8")
     if not has_module("onnxruntime"):
         logger.info("onnxruntime is not installed; serving with PyTorch (pip install onnxruntime for speed).")
         return Classifier(run, batch_size=batch_size)

@@ -131,7 +131,7 @@ def test_onnx_runtime_without_onnxruntime_is_a_clear_error(
 
 
 def test_unknown_runtime_is_a_config_error(exported_run_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="choose one of auto, onnx, torch"):
+    with pytest.raises(ConfigError, match="choose one of auto, onnx, onnx-int8, torch"):
         create_classifier(load_run(exported_run_dir), "tensorrt")
 
 
@@ -211,34 +211,42 @@ def test_onnx_classifier_answers_concurrent_requests_like_sequential_ones(export
 
 
 @pytest.fixture(scope="module")
-def default_classifiers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Classifier]:
-    """The embedded ImageNet model in PyTorch and, exported by the CLI into a cache, in ONNX Runtime."""
+def default_classifiers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Classifier, Classifier, Classifier]:
+    """The embedded ImageNet model in PyTorch and, exported by the CLI into a cache, in ONNX Runtime (FP32
+    and the opt-in INT8)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STUDIO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        assert main(["default", "--onnx", "--quiet"]) == 0
+        assert main(["default", "--onnx", "--int8", "--quiet"]) == 0
         run = load_default_run()
-        onnx = create_classifier(run, "onnx")  # must find the CLI's export, not make another
-    return Classifier(run), onnx
+        onnx = create_classifier(run, "onnx")  # must find the CLI's exports, not make others
+        int8 = create_classifier(run, "onnx-int8")
+    return Classifier(run), onnx, int8
 
 
 @pytest.mark.slow
 def test_default_model_gives_the_same_top1_on_both_runtimes(
-    default_classifiers: tuple[Classifier, Classifier], tmp_path: Path
+    default_classifiers: tuple[Classifier, Classifier, Classifier], tmp_path: Path
 ) -> None:
-    torch_classifier, onnx = default_classifiers
+    torch_classifier, onnx, int8 = default_classifiers
     photos = [photo(name) for name in PHOTOS]
     assert torch_classifier.predict(photos, k=1)[1].label == "espresso"  # the real weights are in use
     for images in (photos, digit_images(tmp_path)):
         expected, actual = torch_classifier.predict_probs(images), onnx.predict_probs(images)
         assert np.abs(actual - expected).max() < 1e-4
         assert (actual.argmax(axis=1) == expected.argmax(axis=1)).all()
+    # INT8 is not exact, but keeps the answer on each real photo (ImageNet digits are not its job)
+    expected, quantized = torch_classifier.predict_probs(photos), int8.predict_probs(photos)
+    assert int8.runtime == "onnx-int8" and (quantized.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert 0 < np.abs(quantized - expected).max() < 0.2
 
 
 @pytest.mark.slow
 def test_draft_decoding_keeps_the_real_models_predictions(
-    default_classifiers: tuple[Classifier, Classifier], tmp_path: Path
+    default_classifiers: tuple[Classifier, Classifier, Classifier], tmp_path: Path
 ) -> None:
-    _, onnx = default_classifiers
+    _, onnx, _ = default_classifiers
     for name in PHOTOS:
         path = tmp_path / f"{name}.jpg"
         photo(name).resize((4000, 3000), Image.LANCZOS).save(path, quality=90)

@@ -1,0 +1,287 @@
+"""INT8 post-training quantization of a run's ONNX export: calibrated on real images, checked against FP32.
+
+    python -m finetune.export RUN_DIR --int8     # writes model.int8.onnx beside model.onnx, with its check
+    python app.py --checkpoint RUN_DIR --runtime onnx-int8
+
+Why: on CPUs with 8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dotprod) ONNX Runtime runs an
+INT8 EfficientNet-Lite about 1.7x faster than FP32 (measured here: 3.3 ms against 5.8 ms at batch 1, two
+cores), and the FP32 model already runs near these cores' FP32 peak, so lower precision is the only big step
+left. Why opt-in: quantization moves probabilities. On confident predictions the top-1 stays (every view of
+the sample photos that FP32 gave >= 0.5 kept its top-1), but on ambiguous images the order of close classes
+can change, so the exact FP32 export stays the default and INT8 is written only after it passed a check:
+
+- calibration: static QDQ quantization (per-channel INT8 weights, UINT8 activations, min-max ranges) on up to
+  `MAX_CALIBRATION` training images of the run, round-robin over classes, when the run's dataset is still
+  where it was trained; otherwise on zoomed and mirrored views of the check photos;
+- check: top-1 agreement with the FP32 export on up to `MAX_CHECK` held-out validation images (and the
+  top-1 accuracy of both, since their labels are known), or on the original photos; below
+  `MIN_TOP1_AGREEMENT`, or more than `MAX_ACCURACY_DROP` accuracy lost, nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from finetune.checkpoint import LoadedRun
+from finetune.config import TrainConfig
+from finetune.data import Sample, scan_dataset
+from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
+from finetune.images import open_image
+from finetune.inference import OnnxClassifier, has_module
+
+logger = logging.getLogger(__name__)
+
+INT8_FILE = "model.int8.onnx"
+META_PRECISION = "studio.precision"
+META_INT8_CHECK = "studio.int8_check"
+MAX_CALIBRATION = 64
+MAX_CHECK = 256
+VIEWS_PER_PHOTO = 6  # calibration views of each photo when the run's own images are not available
+MIN_TOP1_AGREEMENT = 0.97
+MAX_ACCURACY_DROP = 0.01
+
+
+@dataclass
+class QuantizationImages:
+    """Images to calibrate on and held-out images to check with (labels when they are known)."""
+
+    calibration: list[Image.Image]
+    check: list[Image.Image]
+    check_targets: list[int] | None
+    source: str
+
+
+@dataclass
+class Int8Report:
+    """How the INT8 model compares with the FP32 export on the check images."""
+
+    source: str
+    n_calibration: int
+    n_images: int
+    top1_agree: int
+    max_prob_diff: float
+    fp32_top1: float | None = None  # accuracy on labelled check images
+    int8_top1: float | None = None
+
+    @property
+    def agreement(self) -> float:
+        return self.top1_agree / max(1, self.n_images)
+
+    def summary(self) -> str:
+        text = (
+            f"same top-1 as FP32 on {self.top1_agree}/{self.n_images} {self.source} "
+            f"({self.agreement:.1%}), max probability difference {self.max_prob_diff:.2f}"
+        )
+        if self.fp32_top1 is not None and self.int8_top1 is not None:
+            text += f"; top-1 accuracy FP32 {self.fp32_top1:.4f}, INT8 {self.int8_top1:.4f}"
+        return text
+
+
+def quantization_images(run: LoadedRun, photos: Sequence[Image.Image], seed: int = 0) -> QuantizationImages:
+    """The run's own train/validation images when its dataset is still on disk, else views of `photos`."""
+    dataset = _run_dataset_images(run, seed)
+    if dataset is not None:
+        return dataset
+    if not photos:
+        raise ImageError("no images to calibrate INT8 with; pass --images with some of your photos.")
+    rng = random.Random(seed)
+    views = [_random_view(photo, rng) for photo in photos for _ in range(VIEWS_PER_PHOTO)]
+    return QuantizationImages(
+        calibration=views[:MAX_CALIBRATION],
+        check=list(photos)[:MAX_CHECK],
+        check_targets=None,
+        source="check photos",
+    )
+
+
+def quantize_export(
+    fp32: OnnxClassifier, path: Path, images: QuantizationImages, metadata: dict[str, str]
+) -> Int8Report:
+    """Quantize `fp32`'s model into `path` (a temporary file the caller renames) and check it.
+
+    Raises CheckpointError when the check fails; the caller then writes nothing.
+    """
+    if not has_module("onnx"):
+        raise RuntimeUnavailableError("INT8 quantization needs onnx: `pip install onnx`.")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    calibration = fp32.preprocess(images.calibration).numpy()
+    input_name = fp32.session.get_inputs()[0].name
+    with tempfile.TemporaryDirectory(prefix="studio-int8-") as tmp, _quiet_quantizer():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32.onnx_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(path),
+            _CalibrationReader(input_name, calibration, batch_size=16),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+        )
+    int8 = OnnxClassifier(fp32.run, path, batch_size=fp32.batch_size)
+    report = compare_precisions(fp32, int8, images)
+    if report.agreement < MIN_TOP1_AGREEMENT or _accuracy_drop(report) > MAX_ACCURACY_DROP:
+        raise CheckpointError(
+            f"INT8 quantization changes this model's answers too much ({report.summary()}; needs at least "
+            f"{MIN_TOP1_AGREEMENT:.0%} agreement and at most {MAX_ACCURACY_DROP:.0%} accuracy lost), so "
+            "it was not written; serve the exact FP32 export with --runtime onnx."
+        )
+    _write_metadata(path, {**metadata, META_PRECISION: "int8", META_INT8_CHECK: json.dumps(asdict(report))})
+    return report
+
+
+def compare_precisions(fp32: OnnxClassifier, int8: OnnxClassifier, images: QuantizationImages) -> Int8Report:
+    """Top-1 agreement, max probability difference and (with labels) accuracy of both on the check images."""
+    expected = fp32.predict_probs(images.check)
+    actual = int8.predict_probs(images.check)
+    report = Int8Report(
+        source=images.source,
+        n_calibration=len(images.calibration),
+        n_images=len(images.check),
+        top1_agree=int((expected.argmax(axis=1) == actual.argmax(axis=1)).sum()),
+        max_prob_diff=float(np.abs(expected - actual).max()),
+    )
+    if images.check_targets is not None:
+        targets = np.asarray(images.check_targets)
+        report.fp32_top1 = float((expected.argmax(axis=1) == targets).mean())
+        report.int8_top1 = float((actual.argmax(axis=1) == targets).mean())
+    return report
+
+
+def read_int8_report(classifier: OnnxClassifier) -> Int8Report | None:
+    """The check that was stored in an INT8 file's metadata (None for FP32 files or unreadable metadata)."""
+    try:
+        return Int8Report(**json.loads(classifier.metadata[META_INT8_CHECK]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _accuracy_drop(report: Int8Report) -> float:
+    if report.fp32_top1 is None or report.int8_top1 is None:
+        return 0.0
+    return report.fp32_top1 - report.int8_top1
+
+
+def _run_dataset_images(run: LoadedRun, seed: int) -> QuantizationImages | None:
+    """Calibration images from the run's training split and check images from its validation split."""
+    config = run.studio.get("train_config") or {}
+    if not config.get("data_dir"):
+        return None
+    try:  # the same split as training
+        val_fraction = float(config.get("val_fraction", TrainConfig.val_fraction))
+        split_seed = int(config.get("seed", TrainConfig.seed))
+        split = scan_dataset(Path(config["data_dir"]), val_fraction, split_seed)
+    except (StudioError, TypeError, ValueError) as error:
+        logger.info("The run's dataset is not available for INT8 calibration (%s); using photos", error)
+        return None
+    if split.classes != list(run.labels) or not split.val:
+        logger.info("The dataset at %s no longer matches the run; calibrating on photos", config["data_dir"])
+        return None
+    calibration = _open_all(_round_robin(split.train, MAX_CALIBRATION, seed))
+    check_samples = _round_robin(split.val, MAX_CHECK, seed)
+    opened = [(sample, _try_open(sample.path)) for sample in check_samples]
+    kept = [(sample, image) for sample, image in opened if image is not None]
+    if not calibration or not kept:
+        return None
+    return QuantizationImages(
+        calibration=calibration,
+        check=[image for _, image in kept],
+        check_targets=[sample.target for sample, _ in kept],
+        source="held-out validation images",
+    )
+
+
+def _round_robin(samples: Sequence[Sample], limit: int, seed: int) -> list[Sample]:
+    """Up to `limit` samples taking one class after another, so small classes are represented too."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.target, []).append(sample)
+    rng = random.Random(seed)
+    for members in by_class.values():
+        rng.shuffle(members)
+    chosen: list[Sample] = []
+    queues = [iter(by_class[target]) for target in sorted(by_class)]
+    while queues and len(chosen) < limit:
+        for queue in list(queues):
+            sample = next(queue, None)
+            if sample is None:
+                queues.remove(queue)
+            elif len(chosen) < limit:
+                chosen.append(sample)
+    return chosen
+
+
+def _open_all(samples: Sequence[Sample]) -> list[Image.Image]:
+    return [image for image in (_try_open(sample.path) for sample in samples) if image is not None]
+
+
+def _try_open(path: Path) -> Image.Image | None:
+    try:
+        return open_image(path)
+    except ImageError:
+        return None  # bad files were already reported when the run was trained
+
+
+def _random_view(photo: Image.Image, rng: random.Random) -> Image.Image:
+    """A random crop covering 30-100% of each side, mirrored half of the time."""
+    width, height = photo.size
+    scale = rng.uniform(0.3, 1.0)
+    crop_w, crop_h = max(1, int(width * scale)), max(1, int(height * scale))
+    left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    view = photo.crop((left, top, left + crop_w, top + crop_h))
+    return ImageOps.mirror(view) if rng.random() < 0.5 else view
+
+
+class _CalibrationReader:
+    """ONNX Runtime's calibration data reader protocol over a preprocessed float32 batch."""
+
+    def __init__(self, input_name: str, batch: np.ndarray, batch_size: int) -> None:
+        self._feeds = iter(
+            [{input_name: batch[start : start + batch_size]} for start in range(0, len(batch), batch_size)]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {entry.key: entry for entry in model.metadata_props}
+    for key, value in metadata.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantizer logs advice and progress meant for its developers; users only need errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # onnxruntime.quantization logs through the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
