@@ -119,7 +119,7 @@ def quantize_export(
 
     calibration = fp32.preprocess(images.calibration).numpy()
     input_name = fp32.session.get_inputs()[0].name
-    with tempfile.TemporaryDirectory(prefix="studio-int8-") as tmp, _quiet_quantizer():
+    with tempfile.TemporaryDirectory(prefix="studio-int8-") as tmp, _quiet_quantizer(), _as_unavailable(fp32):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32.onnx_path), str(prepared))
         quantize_static(
@@ -271,6 +271,21 @@ def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
     onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _as_unavailable(fp32: OnnxClassifier) -> Iterator[None]:
+    """The quantizer raises many types for graphs it cannot handle; users get one message and a way out."""
+    try:
+        yield
+    except (StudioError, OSError):
+        raise
+    except Exception as error:
+        first_line = str(error).splitlines()[0][:300] if str(error) else ""
+        raise RuntimeUnavailableError(
+            f"{fp32.run.architecture} cannot be quantized to INT8 ({type(error).__name__}: {first_line}); "
+            "serve the FP32 export with --runtime onnx."
+        ) from error
 
 
 @contextlib.contextmanager

@@ -119,3 +119,19 @@ def test_the_app_serves_the_int8_export_when_asked(run_dir: Path, tmp_path: Path
         assert prediction.labels[0] in load_run(run_dir).labels and len(prediction.labels) == 3
     finally:
         service.close()
+
+
+def test_a_graph_the_quantizer_cannot_handle_is_one_clear_error(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime.quantization
+
+    def unsupported(*args: object, **kwargs: object) -> None:  # what ORT raises on an op it cannot quantize
+        raise RuntimeError("Unsupported op type for quantization\n(internal details)")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", unsupported)
+    assert main([str(run_dir), "--int8", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "cannot be quantized to INT8 (RuntimeError: Unsupported op" in err
+    assert "--runtime onnx" in err and len(err.splitlines()) == 1
+    assert not (run_dir / INT8_FILE).exists()
