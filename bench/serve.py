@@ -88,9 +88,7 @@ def bench_model(run: Any, runtime: str, rounds: int, per_round: int, threads: in
 
     def same_threads(classifier: Any) -> Any:  # the thread count PyTorch has (main() sets it)
         if isinstance(classifier, OnnxClassifier):
-            runtime_name = classifier.runtime
-            classifier = OnnxClassifier(run, classifier.onnx_path, threads=threads)
-            classifier.runtime = runtime_name
+            return OnnxClassifier(run, classifier.onnx_path, threads=threads)
         return classifier
 
     contenders = {

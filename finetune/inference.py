@@ -33,6 +33,7 @@ RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
 DEFAULT_RUN = "default"  # checkpoint name of the embedded ImageNet tf_efficientnet_lite0
 DEFAULT_TTA_SCALES = (1.0, 0.875, 1.15)  # zoom factors of the test-time views; 1.0 is the plain eval view
 ONNX_INSTALL_HINT = "`pip install onnxruntime` (or onnxruntime-gpu), or choose --runtime torch"
+META_PRECISION = "studio.precision"  # ONNX metadata: "int8" for quantized exports, absent (FP32) otherwise
 
 
 @dataclass
@@ -221,6 +222,8 @@ class OnnxClassifier(Classifier):
         self.onnx_path = Path(onnx_path)
         self.session = create_session(self.onnx_path, threads)
         self._input_name = self.session.get_inputs()[0].name
+        self.precision = self.metadata.get(META_PRECISION, "fp32")
+        self.runtime = "onnx-int8" if self.precision == "int8" else "onnx"
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -234,6 +237,38 @@ class OnnxClassifier(Classifier):
             for start in range(0, len(array), self.batch_size)
         ]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
+
+
+@dataclass
+class ParityReport:
+    """How closely one classifier reproduces another on some images (and, with labels, both accuracies)."""
+
+    n_images: int
+    max_prob_diff: float
+    top1_agree: int
+    reference_top1: float | None = None
+    candidate_top1: float | None = None
+
+
+def compare_runtimes(
+    reference: Classifier,
+    candidate: Classifier,
+    images: Sequence[Image.Image],
+    targets: Sequence[int] | None = None,
+) -> ParityReport:
+    """Max probability difference, top-1 agreement and (given `targets`) top-1 accuracy of both."""
+    expected_probs = reference.predict_probs(images)
+    actual_probs = candidate.predict_probs(images)
+    expected, actual = expected_probs.argmax(axis=1), actual_probs.argmax(axis=1)
+    report = ParityReport(
+        n_images=len(images),
+        max_prob_diff=float(np.abs(expected_probs - actual_probs).max()),
+        top1_agree=int((expected == actual).sum()),
+    )
+    if targets is not None:
+        report.reference_top1 = float((expected == np.asarray(targets)).mean())
+        report.candidate_top1 = float((actual == np.asarray(targets)).mean())
+    return report
 
 
 def has_module(name: str) -> bool:

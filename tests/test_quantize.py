@@ -19,8 +19,8 @@ from finetune.checkpoint import load_run
 from finetune.errors import CheckpointError, RuntimeUnavailableError
 from finetune.export import ONNX_FILE, main, weights_fingerprint
 from finetune.images import open_image
-from finetune.inference import OnnxClassifier, create_classifier
-from finetune.quantize import INT8_FILE, META_PRECISION, read_int8_report
+from finetune.inference import META_PRECISION, OnnxClassifier, create_classifier
+from finetune.quantize import INT8_FILE, read_int8_report
 
 NO_EXPORTS = shutil.ignore_patterns("*.onnx")
 
