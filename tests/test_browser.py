@@ -66,7 +66,7 @@ def browser():
     except ImportError:
         _missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
     if not CHROMIUM.exists():
-        _missing(f"chromium is not at {CHROMIUM} (sudo apt-get install -y chromium)")
+        _missing(f"chromium is not at {CHROMIUM} (as root: apt-get install -y chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
