@@ -196,15 +196,12 @@ class InferenceService:
     ) -> Explanation:
         """Grad-CAM of `target` (a class name; None or "" for the predicted one), single and multi-scale."""
         model = self._current()
+        labels = model.run.labels
+        if target and target not in labels:  # checked before the model runs: a wrong name costs nothing
+            raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
         picture = self._open(model, image, name, scale=view_scale(model.run.data_config))
         probs = model.classifier.predict_probs([picture])[0]
-        labels = model.run.labels
-        if target:
-            if target not in labels:
-                raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
-            index = labels.index(target)
-        else:
-            index = int(np.argmax(probs))
+        index = labels.index(target) if target else int(np.argmax(probs))
         input_tensor = model.run.transform(picture)[None]
         with model.cam_lock:
             cams = compute_cams(model.cam_model(), input_tensor, index, scales)
