@@ -114,8 +114,10 @@ class InferenceService:
     ) -> InferenceService:
         """Serve `checkpoint` (a run folder or `hf-hub:USER/NAME`), or the embedded ImageNet model."""
         service = cls(runtime=runtime, max_batch_size=max_batch_size)
-        if checkpoint:
-            service.add_run(str(checkpoint), load_run(checkpoint))
+        if checkpoint:  # a folder is named by its last part: the Model menu must not show server paths
+            is_hub = str(checkpoint).startswith("hf-hub:")
+            name = str(checkpoint) if is_hub else Path(checkpoint).resolve().name
+            service.add_run(name, load_run(checkpoint))
         else:
             service.add_run(DEFAULT_NAME, load_default_run())
         return service
