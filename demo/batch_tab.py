@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from demo.service import BatchRow, InferenceService
-from demo.ui import uploaded_paths, user_errors
+from demo.ui import public_message, uploaded_paths, user_errors
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
 TOP_K = 5
@@ -35,7 +35,8 @@ def classify_files(service: InferenceService, files: list[str] | None) -> tuple[
 def to_table(rows: list[BatchRow]) -> pd.DataFrame:
     """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
     return pd.DataFrame(
-        [[row.file, row.top1, row.confidence, row.top_k, row.error] for row in rows], columns=COLUMNS
+        [[row.file, row.top1, row.confidence, row.top_k, public_message(row.error)] for row in rows],
+        columns=COLUMNS,
     )
 
 
