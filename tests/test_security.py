@@ -32,7 +32,8 @@ from demo import train_tab
 from demo.service import InferenceService
 from demo.train_tab import CLASSES_SOURCE
 from demo.training_jobs import TrainingManager
-from demo.ui import NOT_AN_UPLOAD, public_message, upload_folder
+from demo.ui import NOT_AN_UPLOAD, public_message, upload_folder, uploaded_paths
+from finetune.errors import ImageError
 
 pytestmark = pytest.mark.app
 
@@ -276,3 +277,29 @@ def test_pages_and_messages_name_no_server_paths(
     assert public_message("from https://download.pytorch.org/models/a.pth, 1/2 done") == (
         "from https://download.pytorch.org/models/a.pth, 1/2 done"
     )
+
+
+def test_file_inputs_take_only_regular_files_inside_the_upload_folder(
+    secret: Path, links_folder: Path
+) -> None:
+    """Gradio refuses these itself before a file input's handler runs; the handlers check again."""
+    inside = links_folder / "inside.png"
+    shutil.copy(secret, inside)
+    assert uploaded_paths([str(inside), {"path": str(inside)}]) == [inside.resolve()] * 2
+    link = links_folder / "link.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    for bad in (
+        str(secret),
+        str(link),
+        f"{links_folder}/../{os.path.relpath(secret, links_folder.parent)}",
+        str(links_folder / "missing.png"),
+        str(links_folder),
+        {"url": str(secret)},
+        "",
+        "a\0b",
+        42,
+    ):
+        with pytest.raises(ImageError) as refused:
+            uploaded_paths([str(inside), bad])
+        assert str(refused.value) == NOT_AN_UPLOAD
