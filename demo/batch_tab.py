@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from demo.service import BatchRow, InferenceService
-from demo.ui import user_errors
+from demo.ui import public_message, uploaded_paths, user_errors
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
 TOP_K = 5
@@ -27,7 +27,7 @@ KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied the
 def classify_files(service: InferenceService, files: list[str] | None) -> tuple[pd.DataFrame, str]:
     """The table of predictions for `files` and the path of the same table as CSV."""
     with user_errors():
-        rows = service.predict_batch([Path(file) for file in files or []], k=TOP_K)
+        rows = service.predict_batch(uploaded_paths(files), k=TOP_K)
     table = to_table(rows)
     return table, write_csv(table)
 
@@ -35,7 +35,8 @@ def classify_files(service: InferenceService, files: list[str] | None) -> tuple[
 def to_table(rows: list[BatchRow]) -> pd.DataFrame:
     """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
     return pd.DataFrame(
-        [[row.file, row.top1, row.confidence, row.top_k, row.error] for row in rows], columns=COLUMNS
+        [[row.file, row.top1, row.confidence, row.top_k, public_message(row.error)] for row in rows],
+        columns=COLUMNS,
     )
 
 

@@ -15,7 +15,7 @@ import gradio as gr
 
 from demo.model_picker import ModelView
 from demo.service import InferenceService, ModelInfo
-from demo.ui import image_source, user_errors
+from demo.ui import check_number, image_source, user_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEFAULT_K = 5
@@ -31,6 +31,7 @@ def example_images() -> list[str]:
 def classify(service: InferenceService, image: Any, k: float) -> tuple[dict[str, float], float]:
     """Top-k `{label: prob}` for the `gr.Label`, and the seconds the request took on the server."""
     with user_errors():
+        k = check_number("k", k, 1, min(MAX_K, len(service.labels)), whole=True)
         source, name = image_source(image)
         start = time.perf_counter()
         prediction = service.predict_topk(source, k, name=name)
@@ -52,7 +53,7 @@ def model_card(info: ModelInfo) -> str:
         f"**Architecture:** `{info.architecture}`, runtime: {info.runtime}",
         f"**Classes ({len(info.labels)}):** {shown}",
         f"**Weights:** `{info.weights_source}`",
-        f"**Loaded from:** {'this package (no run folder)' if info.source == 'embedded' else info.source}",
+        f"**Loaded from:** {_source_name(info.source)}",
     ]
     metrics = _scalar_metrics(info.metrics)
     if metrics:
@@ -101,6 +102,11 @@ def build(service: InferenceService) -> list[ModelView]:
         concurrency_id="classify",
     ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
     return [(card, lambda: model_card(service.info())), (k, partial(k_slider, service))]
+
+
+def _source_name(source: str) -> str:
+    """Where the weights came from, as a visitor may see it: the run's name, never its server path."""
+    return "this package (no run folder)" if source == "embedded" else f"run `{Path(source).name}`"
 
 
 def _scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, str]:

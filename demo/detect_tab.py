@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from demo.ui import image_source, user_errors
+from demo.ui import check_number, image_source, public_message, user_errors
 from demo.vision_tasks import DetectionResult, VisionService, WeightsStatus
 from finetune.checkpoint import write_json
 from finetune.images import ImageSource
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 RESULT_TTL_S = 900  # the last result (the input and every candidate box) is freed 15 minutes after its run
@@ -66,6 +69,7 @@ def detect(
 ) -> tuple[Image.Image, list[list[Any]], str, DetectionResult]:
     """Run the detector: annotated image, table rows, JSON file path, and the result kept for the slider."""
     with user_errors():
+        threshold = check_number("threshold", threshold, vision.min_score, 1.0)
         return _outputs(vision.detect(image_source(image)[0], threshold))
 
 
@@ -89,9 +93,10 @@ def table_rows(result: DetectionResult) -> list[list[Any]]:
 
 def status_markdown(status: WeightsStatus) -> str:
     """The line above the tab: where the weights come from, or exactly what to do when there are none."""
+    logger.info("Detect tab: %s", status.message)  # the operator's log keeps the paths
     if status.is_available:
-        return f"Finds and labels common objects (COCO classes). {status.message}"
-    return f"**Detection is unavailable:** {status.message}"
+        return f"Finds and labels common objects (COCO classes). {public_message(status.message)}"
+    return f"**Detection is unavailable:** {public_message(status.message)}"
 
 
 def write_download(result: DetectionResult) -> str:

@@ -17,10 +17,11 @@ from demo.cam import overlay
 from demo.classify_tab import IMAGE_SOURCES, example_images
 from demo.model_picker import ModelView
 from demo.service import Explanation, InferenceService
-from demo.ui import image_source, user_errors
+from demo.ui import check_number, check_text, image_source, user_errors
 
 PREDICTED = ""  # the class choice that means "whatever the model predicts"
 DEFAULT_OPACITY = 0.5
+MAX_TARGET_CHARS = 200  # a class name is far shorter; longer text is refused before the model runs
 
 
 def explain(
@@ -28,6 +29,8 @@ def explain(
 ) -> tuple[Image.Image, Image.Image, str, Explanation]:
     """Both overlays, a caption, and the explanation itself (kept in the session to re-blend)."""
     with user_errors():
+        target = check_text("the class to explain", target, MAX_TARGET_CHARS)
+        opacity = check_number("opacity", opacity, 0.0, 1.0)
         source, name = image_source(image)
         explanation = service.explain(source, target or None, name=name)
     single, multi = blend(explanation, opacity)
@@ -46,7 +49,8 @@ def reblend(explanation: Explanation | None, opacity: float) -> tuple[Any, Any]:
     """The opacity slider's handler: redraw from the stored maps, or leave the outputs alone if none yet."""
     if explanation is None:
         return gr.skip(), gr.skip()
-    return blend(explanation, opacity)
+    with user_errors():
+        return blend(explanation, check_number("opacity", opacity, 0.0, 1.0))
 
 
 def describe(explanation: Explanation) -> str:

@@ -8,15 +8,18 @@ the Detect tab, the event skips gradio's preprocessing so every upload reaches `
 from __future__ import annotations
 
 import html
+import logging
 from functools import partial
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
-from demo.ui import image_source, user_errors
+from demo.ui import check_number, image_source, public_message, user_errors
 from demo.vision_tasks import SegmentationResult, VisionService, WeightsStatus
 from finetune.images import ImageSource
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OPACITY = 0.6
 RESULT_TTL_S = 900  # the last result (the input and its mask) is freed 15 minutes after its run
@@ -53,6 +56,7 @@ def segment(
 ) -> tuple[Image.Image, str, SegmentationResult]:
     """Run the segmenter: overlay, legend HTML, and the result kept for the opacity slider."""
     with user_errors():
+        opacity = check_number("opacity", opacity, 0.0, 1.0)
         result = vision.segment(image_source(image)[0])
         return result.overlay(opacity), legend_html(result), result
 
@@ -78,6 +82,7 @@ def legend_html(result: SegmentationResult) -> str:
 
 def status_markdown(status: WeightsStatus) -> str:
     """The line above the tab: where the weights come from, or exactly what to do when there are none."""
+    logger.info("Segment tab: %s", status.message)  # the operator's log keeps the paths
     if status.is_available:
-        return f"Colours every pixel by class (the 20 PASCAL VOC classes). {status.message}"
-    return f"**Segmentation is unavailable:** {status.message}"
+        return f"Colours every pixel by class (the 20 PASCAL VOC classes). {public_message(status.message)}"
+    return f"**Segmentation is unavailable:** {public_message(status.message)}"

@@ -114,8 +114,10 @@ class InferenceService:
     ) -> InferenceService:
         """Serve `checkpoint` (a run folder or `hf-hub:USER/NAME`), or the embedded ImageNet model."""
         service = cls(runtime=runtime, max_batch_size=max_batch_size)
-        if checkpoint:
-            service.add_run(str(checkpoint), load_run(checkpoint))
+        if checkpoint:  # a folder is named by its last part: the Model menu must not show server paths
+            is_hub = str(checkpoint).startswith("hf-hub:")
+            name = str(checkpoint) if is_hub else Path(checkpoint).resolve().name
+            service.add_run(name, load_run(checkpoint))
         else:
             service.add_run(DEFAULT_NAME, load_default_run())
         return service
@@ -196,15 +198,12 @@ class InferenceService:
     ) -> Explanation:
         """Grad-CAM of `target` (a class name; None or "" for the predicted one), single and multi-scale."""
         model = self._current()
+        labels = model.run.labels
+        if target and target not in labels:  # checked before the model runs: a wrong name costs nothing
+            raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
         picture = self._open(model, image, name, scale=view_scale(model.run.data_config))
         probs = model.classifier.predict_probs([picture])[0]
-        labels = model.run.labels
-        if target:
-            if target not in labels:
-                raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
-            index = labels.index(target)
-        else:
-            index = int(np.argmax(probs))
+        index = labels.index(target) if target else int(np.argmax(probs))
         input_tensor = model.run.transform(picture)[None]
         with model.cam_lock:
             cams = compute_cams(model.cam_model(), input_tensor, index, scales)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from demo.service import InferenceService
 from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
-from demo.ui import user_errors
+from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
 from demo.uploads import ImportedDataset, import_class_files, import_zip, parse_class_names
 from finetune.checkpoint import load_run
 from finetune.config import STRATEGIES
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 MAX_TYPED_CLASSES = 6  # class-name mode offers this many upload boxes; more classes belong in a zip
 DEFAULT_BUDGET_MIN = 5.0
+MAX_EPOCHS = 200  # the epochs box's range (0 = automatic), which API callers must keep to as well
+MIN_BUDGET_MIN, MAX_BUDGET_MIN = 1, 120  # the time-budget slider's range, in minutes
 POLL_S = 1.0  # progress refresh period in the browser
 ZIP_SOURCE, CLASSES_SOURCE = "Zip of class folders", "Class names + images"
 EPOCH_COLUMNS = ["epoch", "phase", "train loss", "train acc", "val loss", "val top-1", "seconds"]
@@ -76,7 +78,7 @@ def collect_classes(source: str, names_text: str, *files: Sequence[str] | None) 
                 f"{len(names)} classes typed; this form takes up to {MAX_TYPED_CLASSES}. "
                 "Upload a zip with one folder per class for more."
             )
-        return [(name, list(files[index] or [])) for index, name in enumerate(names)]
+        return [(name, uploaded_paths(files[index])) for index, name in enumerate(names)]
 
 
 def train(
@@ -90,12 +92,16 @@ def train(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Import the upload, queue the run and follow it: yields (run id, status) until the final metrics."""
     with user_errors():
+        epochs = check_number("epochs", epochs or 0, 0, MAX_EPOCHS, whole=True)
+        budget_min = check_number(
+            "the time budget (minutes)", time_budget_min or DEFAULT_BUDGET_MIN, MIN_BUDGET_MIN, MAX_BUDGET_MIN
+        )
         dataset = _import(manager, zip_file, classes)
         options = TrainOptions(
             model=model or DEFAULT_MODEL,
             strategy=strategy or "auto",
-            epochs=int(epochs or 0),
-            time_budget_s=float(time_budget_min or DEFAULT_BUDGET_MIN) * 60,
+            epochs=epochs,
+            time_budget_s=budget_min * 60,
         )
         run_id = manager.submit(dataset.root, list(dataset.class_counts), options)
     status = manager.status(run_id)
@@ -112,7 +118,7 @@ def train(
             shown = _milestone(status)
             yield run_id, _live(status)
     if status.state == FAILED:
-        raise gr.Error(status.error, print_exception=False)
+        raise gr.Error(public_message(status.error), print_exception=False)
     yield run_id, final_metrics(status, dataset)
 
 
@@ -120,14 +126,14 @@ def cancel_training(manager: TrainingManager, run_id: str) -> str:
     """Stop a queued or running training; a running one keeps its best checkpoint so far."""
     with user_errors():
         status = manager.cancel((run_id or "").strip())
-    return status.message
+    return public_message(status.message)
 
 
 def final_metrics(status: JobStatus, dataset: ImportedDataset) -> dict[str, Any]:
     """What the API returns: state, validation metrics of the kept model, classes and skipped files."""
     return {
         "state": status.state,
-        "message": status.message,
+        "message": public_message(status.message),
         **status.metrics,
         "classes": status.classes,
         "dataset": dataset.summary(),
@@ -167,7 +173,7 @@ def render_progress(status: JobStatus) -> str:
     if "loss" in status.step_metrics and not status.is_finished:
         parts.append(f"loss {status.step_metrics['loss']:.3f}")
     parts += [f"{percent}%", f"{status.elapsed_s:.0f} s"]
-    detail = status.error or status.message
+    detail = public_message(status.error or status.message)
     return (
         f'<div class="train-progress" data-state="{status.state}" data-progress="{percent}">'
         f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
@@ -224,7 +230,7 @@ def finish(
 def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
     """What happened, the validation score and how to use the model."""
     if not status.has_model:
-        return f"**{status.state.capitalize()}.** {status.error or status.message}"
+        return f"**{status.state.capitalize()}.** {public_message(status.error or status.message)}"
     score = status.metrics.get("val_top1")
     lines = [
         f"**{status.message}.** Validation top-1 of the kept model: **{score:.1%}** "
@@ -277,13 +283,13 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
                     0,
                     label="Epochs (0 = automatic)",
                     minimum=0,
-                    maximum=200,
+                    maximum=MAX_EPOCHS,
                     precision=0,
                     elem_id="train-epochs-option",
                 )
                 budget = gr.Slider(
-                    1,
-                    120,
+                    MIN_BUDGET_MIN,
+                    MAX_BUDGET_MIN,
                     value=DEFAULT_BUDGET_MIN,
                     step=1,
                     label="Time budget (minutes)",
@@ -348,11 +354,11 @@ def _import(manager: TrainingManager, zip_file: str | None, classes: list | None
         return import_class_files(classes, manager.datasets_dir)
     if not zip_file:
         raise DatasetError("no zip uploaded; upload a zip with one folder of images per class.")
-    return import_zip(Path(zip_file), manager.datasets_dir)
+    return import_zip(uploaded_path(zip_file), manager.datasets_dir)
 
 
 def _live(status: JobStatus) -> dict[str, Any]:
-    live: dict[str, Any] = {"state": status.state, "message": status.message}
+    live: dict[str, Any] = {"state": status.state, "message": public_message(status.message)}
     if status.state == QUEUED:
         live["queue_position"] = status.queue_position
     if status.history:

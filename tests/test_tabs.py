@@ -10,11 +10,12 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from conftest import photo
+from gradio_uploads import as_upload, upload_copy
 from upload_cases import write_broken_files
 
 from demo import batch_tab, classify_tab, explain_tab
 from demo.service import InferenceService
-from demo.ui import image_source, user_errors
+from demo.ui import NOT_AN_UPLOAD, image_source, user_errors
 from finetune.errors import ImageError
 
 
@@ -36,11 +37,14 @@ def test_user_errors_turns_studio_errors_into_a_gradio_modal_and_leaves_bugs_alo
         raise KeyError("a bug keeps its traceback")
 
 
-def test_image_source_reads_gradio_payloads_paths_and_data_urls(tmp_path: Path) -> None:
-    upload = {"path": "/tmp/gradio/abc/chelsea.jpg", "orig_name": "chelsea.jpg", "meta": {}}
-    assert image_source(upload) == ("/tmp/gradio/abc/chelsea.jpg", "chelsea.jpg")
-    assert image_source(str(tmp_path / "a.png")) == (str(tmp_path / "a.png"), "a.png")
+def test_image_source_reads_uploads_and_data_urls_and_refuses_server_paths(tmp_path: Path) -> None:
     photo("rocket").save(tmp_path / "rocket.png")
+    upload = as_upload(tmp_path / "rocket.png")
+    assert image_source(upload) == (upload["path"], "rocket.png")
+    for payload in (str(tmp_path / "rocket.png"), {"path": str(tmp_path / "rocket.png")}):
+        with pytest.raises(ImageError) as refused:
+            image_source(payload)
+        assert str(refused.value) == NOT_AN_UPLOAD
     data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "rocket.png").read_bytes()).decode()
     source, name = image_source({"path": None, "url": data_url})
     assert source == (tmp_path / "rocket.png").read_bytes() and name == "the pasted image"
@@ -51,7 +55,7 @@ def test_image_source_reads_gradio_payloads_paths_and_data_urls(tmp_path: Path) 
 
 
 def test_classify_handler_gives_a_label_dict_and_latency(service: InferenceService, photo_dir: Path) -> None:
-    label, latency_s = classify_tab.classify(service, {"path": str(photo_dir / "chelsea.jpg")}, 2)
+    label, latency_s = classify_tab.classify(service, as_upload(photo_dir / "chelsea.jpg"), 2)
     assert len(label) == 2 and set(label) <= {"cat", "coffee", "rocket"}
     assert 0.0 < latency_s < 60.0
     assert classify_tab.describe_latency(0.0421) == (
@@ -62,7 +66,7 @@ def test_classify_handler_gives_a_label_dict_and_latency(service: InferenceServi
 def test_classify_handler_shows_bad_files_as_a_modal(service: InferenceService, tmp_path: Path) -> None:
     empty = write_broken_files(tmp_path)["empty.png"]
     with pytest.raises(gr.Error, match="'empty.png' is empty"):
-        classify_tab.classify(service, {"path": str(empty), "orig_name": "empty.png"}, 3)
+        classify_tab.classify(service, as_upload(empty), 3)
 
 
 def test_model_card_names_the_model_its_weights_and_metrics(service: InferenceService) -> None:
@@ -79,7 +83,7 @@ def test_model_card_shows_scalar_metrics_and_leaves_curves_out(service: Inferenc
 
 def test_explain_handler_and_opacity_reblend(service: InferenceService, photo_dir: Path) -> None:
     single, multi, caption, explanation = explain_tab.explain(
-        service, str(photo_dir / "coffee.jpg"), "coffee", 0.4
+        service, as_upload(photo_dir / "coffee.jpg"), "coffee", 0.4
     )
     assert single.size == multi.size == explanation.view.size
     assert caption.startswith("Explaining **coffee**")
@@ -91,7 +95,8 @@ def test_explain_handler_and_opacity_reblend(service: InferenceService, photo_di
 def test_batch_handler_writes_the_table_as_csv(
     service: InferenceService, photo_dir: Path, tmp_path: Path
 ) -> None:
-    files = [str(photo_dir / "chelsea.jpg"), str(write_broken_files(tmp_path)["truncated.jpg"])]
+    broken = write_broken_files(tmp_path)["truncated.jpg"]
+    files = [upload_copy(photo_dir / "chelsea.jpg"), upload_copy(broken)]
     table, csv_path = batch_tab.classify_files(service, files)
     assert list(table.columns) == batch_tab.COLUMNS and len(table) == 2
     assert Path(csv_path).name == "predictions.csv"

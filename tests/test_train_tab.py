@@ -19,6 +19,7 @@ from app_server import free_port
 from conftest import TINY_MODEL
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_uploads import upload_copy
 from train_data import add_symlink, held_out_image, jpeg_bytes, photo_zip, write_photo_classes
 
 import app
@@ -128,9 +129,9 @@ def test_typed_class_names_with_uploads_train_through_the_tab_handlers(served, t
     photos = write_photo_classes(tmp_path / "photos", per_class=6, size=64)
     note = tmp_path / "notes.txt"
     note.write_text("not an image")
-    uploads = [
-        sorted(map(str, (photos / "cat").iterdir())),
-        [*sorted(map(str, (photos / "coffee").iterdir())), str(note)],
+    uploads = [  # what the class boxes give: paths of the uploads in Gradio's cache
+        [upload_copy(path) for path in sorted((photos / "cat").iterdir())],
+        [*(upload_copy(path) for path in sorted((photos / "coffee").iterdir())), upload_copy(note)],
     ]
     assert train_tab.collect_classes(ZIP_SOURCE, "cat, coffee", *uploads) is None
     classes = train_tab.collect_classes(CLASSES_SOURCE, "cat, coffee", *uploads, None, None)
