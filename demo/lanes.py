@@ -22,6 +22,7 @@ from finetune.errors import ConfigError
 
 SESSION_TTL_S = 6 * 3600  # a selection nobody released (API clients never unload) stops pinning after this
 MIN_TOKEN_CHARS, MAX_TOKEN_CHARS = 16, 128
+NOBODY = "nobody"  # owner of runs found on disk without a record: no session has this key, so shared only
 
 
 def not_yours(kind: str, name: str) -> ConfigError:
