@@ -229,9 +229,12 @@ def finish(
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     with user_errors():
         manager.check_owner(run_id, owner_of(service, request))
-        status = manager.status(run_id)
+        menu = menu_update(service, model, request)
+        try:
+            status = manager.status(run_id)
+        except StudioError:  # a run from before a restart: its folder is all there is
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _zip_for_download(manager, run_id), menu
     download = _zip_for_download(manager, run_id) if status.has_model else None
-    menu = menu_update(service, model, request)
     return (
         render_progress(status),
         epoch_table(status.history),

@@ -117,7 +117,7 @@ def call_private(url: str, fn_index: int, data: list, session_hash: str) -> list
 
 def download_fn_index(url: str) -> int:
     """The index of the event that fills the Train tab's run-zip download (private: no api_name)."""
-    config = httpx.get(f"{url}/config", timeout=30).json()
+    config = httpx.get(f"{url.rstrip('/')}/config", timeout=30).json()
     ids = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "train-download"]
     return next(dep["id"] for dep in config["dependencies"] if ids[0] in dep["outputs"])
 
