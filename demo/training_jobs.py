@@ -177,7 +177,9 @@ class TrainingManager:
     def model_choices(self) -> list[str]:
         """Model names the Train tab offers: the allow-list (or the default), plus the test models when
         allowed."""
-        return [*(self.limits.models or (DEFAULT_MODEL,)), *(TEST_MODELS if self.allow_test_models else ())]
+        tests = TEST_MODELS if self.allow_test_models else ()
+        offered = [*(self.limits.models or (DEFAULT_MODEL,)), *tests]
+        return list(dict.fromkeys(offered))
 
     def check_room(self, owner: str | None = None) -> None:
         """Refuse at once (before an upload is unpacked) when the queue is full or `owner` has a job."""

@@ -31,7 +31,7 @@ from finetune.checkpoint import load_run, save_run
 from finetune.config import TrainConfig
 from finetune.data import build_cache, scan_dataset
 from finetune.engine import TrainEvent
-from finetune.errors import StoppedError
+from finetune.errors import ConfigError, StoppedError
 from finetune.modeling import create_model_and_transforms
 from finetune.trainer import fine_tune
 
@@ -210,10 +210,16 @@ def test_public_mode_refuses_other_models_and_a_second_job_and_classify_answers_
     with lane_app(runs, tmp_path / "studio-data", limits=limits) as (url, _, manager):
         trainer, visitor = Client(url, verbose=False), Client(url, verbose=False)
         zip_path = handle_file(photo_zip(tmp_path, per_class=8, size=64))
-        with pytest.raises(AppError, match="not offered on this server"):
+        with pytest.raises(AppError, match="resnet18 is not in the list of choices"):  # the menu's own check
             trainer.predict(zip_path, "resnet18", "auto", 1, 5, api_name="/train")
-        with pytest.raises(AppError, match="invalid time budget"):
+        data = write_digits_folder(tmp_path / "digits", per_class=4)
+        with pytest.raises(ConfigError, match="'resnet18' is not offered on this server"):
+            manager.submit(data, ["digit_0", "digit_1", "digit_2"], TrainOptions("resnet18"), "s:someone")
+        with pytest.raises(AppError, match="16 is greater than maximum value 15"):  # the slider's range
             trainer.predict(zip_path, TINY_MODEL, "auto", 1, 16, api_name="/train")
+        with pytest.raises(ConfigError, match="use up to 15 minutes"):
+            options = TrainOptions(TINY_MODEL, time_budget_s=16 * 60)
+            manager.submit(write_digits_folder(tmp_path / "d2", per_class=4), ["a", "b", "c"], options, "s:x")
         job = trainer.submit(zip_path, TINY_MODEL, "lp-ft", 200, 10, api_name="/train")
         deadline = time.monotonic() + TIMEOUT_S
         while not (job.outputs() and job.outputs()[-1][1]["state"] == RUNNING):
