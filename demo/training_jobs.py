@@ -520,5 +520,5 @@ def _final_message(state: str, job: _Job) -> str:
     if state == CANCELLED:
         return "Cancelled" + ("; the best checkpoint so far is kept" if has_model(job.config.out) else "")
     if state == DONE and job.timed_out:
-        return "StoppedError at the time budget; the best checkpoint so far is kept"
+        return "Stopped at the time budget; the best checkpoint so far is kept"
     return {DONE: "Finished", FAILED: "Failed"}.get(state, state)

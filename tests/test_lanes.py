@@ -7,6 +7,7 @@ The models are tiny random-init runs with different label sets, so an answer's l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_server import free_port
+from app_server import free_port, serve
 from conftest import TINY_MODEL, photo, write_digits_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -277,3 +278,43 @@ def test_should_stop_ends_decoding_and_feature_extraction(tmp_path: Path) -> Non
     with pytest.raises(StoppedError, match="extracting features"):
         fine_tune(config, on_event=on_event, should_stop=stop.is_set)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.browser
+def test_two_browser_contexts_pick_different_models_and_each_sees_its_own_classes(
+    runs: dict[str, Path], image: Path
+) -> None:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, _missing
+
+    if not CHROMIUM.exists():
+        _missing(f"chromium is not at {CHROMIUM}")
+    service = InferenceService(runtime="torch")
+    for name in ("alpha", "beta", "gamma"):
+        service.add_run(name, load_run(runs[name]), make_default=name == "alpha")
+    expect = playwright_api.expect
+    expect.set_options(timeout=60_000)
+    try:
+        with serve(service) as url, playwright_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            pages = {}
+            for model in ("beta", "gamma"):
+                page = browser.new_context().new_page()
+                page.goto(url)
+                menu = page.locator("#model-menu input")
+                menu.click()
+                page.get_by_role("option", name=model).click()
+                expect(menu).to_have_value(model)
+                pages[model] = page
+            for page in pages.values():
+                page.locator("#classify-image input[type=file]").set_input_files(image)
+                page.locator("#classify-button").click()
+            for model, labels, others in (("beta", BETA, GAMMA), ("gamma", GAMMA, BETA)):
+                label = pages[model].locator("#classify-label")
+                expect(label).to_contain_text(re.compile("|".join(labels)))
+                for other in (*others, *ALPHA):
+                    expect(label).not_to_contain_text(other)
+                expect(pages[model].locator("#classify-model-card")).to_contain_text(f"Model: {model}")
+            browser.close()
+    finally:
+        service.close()
