@@ -244,6 +244,16 @@ def create_trainer(args: argparse.Namespace, service: InferenceService) -> Train
     to all with `--share-runs`) and every new one."""
     limits, max_queued = train_limits(args)
     service.lanes.share_runs = args.share_runs
+    logging.getLogger(__name__).info(
+        "%s mode: training offers %s; %s per visitor, %d waiting, up to %.0f min, %s threads; runs %s.",
+        "Public" if is_public(args) else "Private",
+        ", ".join(limits.models) if limits.models else "any timm model",
+        limits.jobs_per_owner or "no limit of jobs",
+        max_queued,
+        limits.max_budget_s / 60,
+        limits.threads or "all",
+        "shared with every visitor" if args.share_runs else "each visible to its trainer only",
+    )
     trainer = TrainingManager(
         args.data_dir,
         max_runs=args.max_runs,

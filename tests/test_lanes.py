@@ -25,6 +25,7 @@ from train_data import photo_zip
 
 import app
 from demo import train_tab
+from demo.lanes import Lanes
 from demo.service import InferenceService
 from demo.train_tab import serve_trained_runs
 from demo.training_jobs import CANCELLED, RUNNING, TrainingManager, TrainLimits, TrainOptions
@@ -318,3 +319,24 @@ def test_two_browser_contexts_pick_different_models_and_each_sees_its_own_classe
             browser.close()
     finally:
         service.close()
+
+
+def test_lanes_bind_tokens_check_owners_and_drop_stale_selections() -> None:
+    lanes = Lanes(session_ttl_s=0.2)
+    key = lanes.bind_browser("session-1", "a" * 43)
+    assert key.startswith("b:") and "a" * 43 not in key  # only a hash of the token is kept
+    assert lanes.owner_key("session-1") == key and lanes.owner_key("session-2") == "s:session-2"
+    with pytest.raises(ConfigError):
+        lanes.bind_browser("session-3", "short")
+    lanes.claim("run", key)
+    assert lanes.visible(["default", "run"], key) == ["default", "run"]
+    assert lanes.visible(["default", "run"], "s:session-2") == ["default"]
+    lanes.share_runs = True
+    assert lanes.visible(["default", "run"], "s:session-2") == ["default", "run"]
+    lanes.use("session-1", "run")
+    assert lanes.in_use() == {"run"}
+    time.sleep(0.3)
+    assert lanes.in_use() == set()  # an API client that never unloads stops pinning after the TTL
+    lanes.use("session-1", "run")
+    lanes.release("session-1")
+    assert lanes.in_use() == set() and lanes.owner_key("session-1") == "s:session-1"
