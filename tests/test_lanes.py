@@ -267,6 +267,22 @@ def test_should_stop_ends_decoding_and_feature_extraction(tmp_path: Path) -> Non
         build_cache(samples, lambda image: image.resize((32, 32)), 32, workers=1, should_stop=stop_after_ten)
     assert len(asked) <= len(samples) + 1  # the rest were skipped, not decoded
 
+    manager = TrainingManager(tmp_path / "studio-data", allow_test_models=True, train_overrides=TINY_TRAIN)
+    try:  # cancelled at its first decoded image: it stops there, nothing is probed or saved
+        many = write_digits_folder(tmp_path / "many", per_class=150, size=64)
+        run_id = manager.submit(many, ["digit_0", "digit_1", "digit_2"], TrainOptions(TINY_MODEL))
+        status = manager.status(run_id)
+        while status.phase != "decode":
+            assert not status.is_finished, status
+            status = manager.wait(run_id, status.version, timeout_s=TIMEOUT_S)
+        manager.cancel(run_id)
+        status = manager.wait_until_finished(run_id, timeout_s=TIMEOUT_S)
+        assert status.state == CANCELLED and not status.has_model and not status.history
+        assert status.phase == "decode"  # the probe never started
+        assert not (manager.runs_dir / run_id).exists()
+    finally:
+        manager.close()
+
     stop = threading.Event()
 
     def on_event(event: TrainEvent) -> None:
