@@ -3,6 +3,7 @@
 python app.py                                  # embedded ImageNet tf_efficientnet_lite0
 python app.py --checkpoint runs/my-run         # a fine-tuned run folder
 CHECKPOINT=hf-hub:USER/NAME python app.py      # a run published on the Hugging Face Hub
+python app.py --public                         # public mode (on by itself on Spaces, where SPACE_ID is set)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -19,15 +21,16 @@ import gradio as gr
 from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
 from demo.model_picker import ModelView
 from demo.service import InferenceService
-from demo.training_jobs import TrainingManager
+from demo.training_jobs import PUBLIC_MAX_QUEUED, TrainingManager, TrainLimits
 from demo.vision_tasks import VisionService
 from demo.vision_weights import VisionConfig
 from finetune.errors import StudioError
 from finetune.inference import RUNTIMES
 
-# One line per tab: (title, build function). The build function creates its components and wires events;
-# it may return the components that show the selected model, which the Model menu redraws on a change.
-TABS: list[tuple[str, Callable[[InferenceService], list[ModelView] | None]]] = [
+# One line per tab: (title, build function). The build function creates its components and wires events on
+# the session's model (a gr.State); it may return the components that show that model, which the Model menu
+# redraws on a change.
+TABS: list[tuple[str, Callable[[InferenceService, gr.State], list[ModelView] | None]]] = [
     ("Classify", classify_tab.build),
     ("Explain", explain_tab.build),
     ("Batch", batch_tab.build),
@@ -56,19 +59,19 @@ def build_app(
     """
     with gr.Blocks(title="Image Recognition Studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
-        model_menu = model_picker.build(service)
+        model_menu, model_state = model_picker.build(service)
         views: list[ModelView] = []
         for title, build in TABS:
             with gr.Tab(title):
-                views += build(service) or []
+                views += build(service, model_state) or []
         if trainer is not None:
             with gr.Tab("Train"):
-                train_tab.build(service, trainer, model_menu)
+                train_tab.build(service, trainer, model_menu, model_state)
         if vision is not None and vision.is_enabled:
             for title, build_vision in VISION_TABS:
                 with gr.Tab(title):
                     build_vision(vision)
-        model_picker.connect(demo, service, model_menu, views)
+        model_picker.connect(demo, service, model_menu, model_state, views)
     return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
 
 
@@ -132,7 +135,60 @@ def get_parser() -> argparse.ArgumentParser:
         default=os.environ.get("TRAIN_TAB", "").lower() == "off",
         help="leave out the Train tab (default: on; env TRAIN_TAB=off leaves it out)",
     )
+    training.add_argument(
+        "--share-runs",
+        action="store_true",
+        default=_env_flag("STUDIO_SHARE_RUNS"),
+        help="show every trained run to every visitor (default: off, each run only to the visitor who "
+        "trained it; env STUDIO_SHARE_RUNS=1)",
+    )
+    training.add_argument(
+        "--train-models",
+        default=os.environ.get("STUDIO_TRAIN_MODELS") or "",
+        help="comma-separated timm names the Train tab offers beside the embedded model (default: env "
+        "STUDIO_TRAIN_MODELS; empty: public mode offers the embedded model only, private mode any name)",
+    )
+    training.add_argument(
+        "--train-max-minutes",
+        type=float,
+        default=_env_number("STUDIO_TRAIN_MAX_MINUTES"),
+        help="longest time budget a training may ask for (default: env STUDIO_TRAIN_MAX_MINUTES, else 15 "
+        "in public mode, 360 in private mode)",
+    )
+    training.add_argument(
+        "--train-queue",
+        type=int,
+        default=_env_number("STUDIO_TRAIN_QUEUE", int),
+        help=f"trainings that may wait behind the running one (default: env STUDIO_TRAIN_QUEUE, else "
+        f"{PUBLIC_MAX_QUEUED} in public mode, 8 in private mode)",
+    )
+    training.add_argument(
+        "--train-jobs-per-visitor",
+        type=int,
+        default=_env_number("STUDIO_TRAIN_JOBS_PER_VISITOR", int),
+        help="queued or running trainings one visitor may have (default: env STUDIO_TRAIN_JOBS_PER_VISITOR, "
+        "else 1 in public mode, no limit in private mode)",
+    )
+    training.add_argument(
+        "--train-threads",
+        type=int,
+        default=_env_number("STUDIO_TRAIN_THREADS", int),
+        help="CPU threads for training (default: env STUDIO_TRAIN_THREADS, else all cores but one in public "
+        "mode, all in private mode)",
+    )
     server = parser.add_argument_group("server")
+    mode = server.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--public",
+        dest="public",
+        action="store_true",
+        default=None,
+        help="public mode: the Train tab's limits for a server open to strangers (default: on when SPACE_ID "
+        "is set, as on Hugging Face Spaces, or STUDIO_PUBLIC=1)",
+    )
+    mode.add_argument(
+        "--private", dest="public", action="store_false", help="personal studio: public mode off"
+    )
     server.add_argument("--host", default=None, help="address to bind (default: Gradio's, 127.0.0.1)")
     server.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -157,13 +213,54 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_public(args: argparse.Namespace) -> bool:
+    """Public mode: `--public`, or on Hugging Face Spaces (SPACE_ID) or STUDIO_PUBLIC=1 unless `--private`."""
+    if args.public is not None:
+        return bool(args.public)
+    return bool(os.environ.get("SPACE_ID")) or _env_flag("STUDIO_PUBLIC")
+
+
+def train_limits(args: argparse.Namespace) -> tuple[TrainLimits, int]:
+    """What one visitor may ask of the trainer, and the queue length, from public mode and the flags."""
+    models = tuple(name.strip() for name in args.train_models.split(",") if name.strip())
+    if is_public(args):
+        limits = TrainLimits.public(models)
+        queue = PUBLIC_MAX_QUEUED
+    else:
+        limits = TrainLimits(models=TrainLimits.public(models).models if models else None)
+        queue = 8
+    changes: dict[str, object] = {}
+    if args.train_max_minutes is not None:
+        changes["max_budget_s"] = float(args.train_max_minutes) * 60
+    if args.train_jobs_per_visitor is not None:
+        changes["jobs_per_owner"] = args.train_jobs_per_visitor or None  # 0: no limit
+    if args.train_threads is not None:
+        changes["threads"] = args.train_threads
+    return replace(limits, **changes), queue if args.train_queue is None else args.train_queue
+
+
 def create_trainer(args: argparse.Namespace, service: InferenceService) -> TrainingManager:
-    """The training manager for `--data-dir`; `service` serves its finished runs and every new one."""
+    """The training manager for `--data-dir`; `service` serves its finished runs (each to its owner, or
+    to all with `--share-runs`) and every new one."""
+    limits, max_queued = train_limits(args)
+    service.lanes.share_runs = args.share_runs
+    logging.getLogger(__name__).info(
+        "%s mode: training offers %s; %s per visitor, %d waiting, up to %.0f min, %s threads; runs %s.",
+        "Public" if is_public(args) else "Private",
+        ", ".join(limits.models) if limits.models else "any timm model",
+        limits.jobs_per_owner or "no limit of jobs",
+        max_queued,
+        limits.max_budget_s / 60,
+        limits.threads or "all",
+        "shared with every visitor" if args.share_runs else "each visible to its trainer only",
+    )
     trainer = TrainingManager(
         args.data_dir,
         max_runs=args.max_runs,
         max_run_bytes=int(args.max_runs_gb * 1024**3),
+        max_queued=max_queued,
         allow_test_models=os.environ.get("STUDIO_ALLOW_TEST_MODELS") == "1",  # tests and demos only
+        limits=limits,
     )
     train_tab.serve_trained_runs(trainer, service)
     return trainer
@@ -178,6 +275,15 @@ def create_vision_service(args: argparse.Namespace) -> VisionService:
         segmenter_weights=args.segmenter_weights,
     )
     return VisionService(config)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_number(name: str, kind: type = float) -> float | int | None:
+    value = os.environ.get(name, "").strip()
+    return kind(value) if value else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,12 @@ OUTPUT_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-batch"
 KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied them into its cache by then)
 
 
-def classify_files(service: InferenceService, files: list[str] | None) -> tuple[pd.DataFrame, str]:
-    """The table of predictions for `files` and the path of the same table as CSV."""
+def classify_files(
+    service: InferenceService, files: list[str] | None, model: str | None = None
+) -> tuple[pd.DataFrame, str]:
+    """The table of predictions by the session's `model` for `files` and the same table as a CSV file."""
     with user_errors():
-        rows = service.predict_batch(uploaded_paths(files), k=TOP_K)
+        rows = service.predict_batch(uploaded_paths(files), k=TOP_K, model=model)
     table = to_table(rows)
     return table, write_csv(table)
 
@@ -51,7 +53,7 @@ def write_csv(table: pd.DataFrame) -> str:
     return str(path)
 
 
-def build(service: InferenceService) -> None:
+def build(service: InferenceService, model: gr.State | None = None) -> None:
     """Create the tab's components and wire its `batch` event."""
     with gr.Row():
         with gr.Column(scale=1):
@@ -72,7 +74,7 @@ def build(service: InferenceService) -> None:
             )
     button.click(
         partial(classify_files, service),
-        inputs=files,
+        inputs=[files, *([model] if model else [])],
         outputs=[table, csv],
         api_name="batch",
         concurrency_limit=1,

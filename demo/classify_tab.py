@@ -28,13 +28,15 @@ def example_images() -> list[str]:
     return [str(path) for path in sorted(EXAMPLES_DIR.glob("*.jpg"))]
 
 
-def classify(service: InferenceService, image: Any, k: float) -> tuple[dict[str, float], float]:
-    """Top-k `{label: prob}` for the `gr.Label`, and the seconds the request took on the server."""
+def classify(
+    service: InferenceService, image: Any, k: float, model: str | None = None
+) -> tuple[dict[str, float], float]:
+    """Top-k `{label: prob}` by the session's `model` for the `gr.Label`, and the seconds it took."""
     with user_errors():
-        k = check_number("k", k, 1, min(MAX_K, len(service.labels)), whole=True)
+        k = check_number("k", k, 1, min(MAX_K, len(service.info(model).labels)), whole=True)
         source, name = image_source(image)
         start = time.perf_counter()
-        prediction = service.predict_topk(source, k, name=name)
+        prediction = service.predict_topk(source, k, name=name, model=model)
     return prediction.as_dict(), time.perf_counter() - start
 
 
@@ -63,14 +65,15 @@ def model_card(info: ModelInfo) -> str:
     return "  \n".join(lines)
 
 
-def k_slider(service: InferenceService) -> Any:
-    """The k slider's range and default for the selected model (a 2-class run shows at most 2)."""
-    num_classes = len(service.labels)
+def k_slider(service: InferenceService, model: str | None = None) -> Any:
+    """The k slider's range and default for the session's model (a 2-class run shows at most 2)."""
+    num_classes = len(service.info(model).labels)
     return gr.Slider(maximum=min(MAX_K, num_classes), value=min(DEFAULT_K, num_classes))
 
 
-def build(service: InferenceService) -> list[ModelView]:
-    """Create the tab's components and wire its `classify` event; returns what a model change redraws."""
+def build(service: InferenceService, model: gr.State | None = None) -> list[ModelView]:
+    """Create the tab's components and wire its `classify` event (on the session's `model`); returns what a
+    model change redraws."""
     num_classes = len(service.labels)
     with gr.Row():
         with gr.Column():
@@ -94,14 +97,14 @@ def build(service: InferenceService) -> list[ModelView]:
     latency_s = gr.State()
     button.click(
         partial(classify, service),
-        inputs=[image, k],
+        inputs=[image, k, *([model] if model else [])],
         outputs=[label, latency_s],
         api_name="classify",
         preprocess=False,  # `open_image` decodes the upload, with clear messages for bad files
         concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
         concurrency_id="classify",
     ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
-    return [(card, lambda: model_card(service.info())), (k, partial(k_slider, service))]
+    return [(card, lambda name: model_card(service.info(name))), (k, partial(k_slider, service))]
 
 
 def _source_name(source: str) -> str:

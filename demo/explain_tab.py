@@ -25,14 +25,14 @@ MAX_TARGET_CHARS = 200  # a class name is far shorter; longer text is refused be
 
 
 def explain(
-    service: InferenceService, image: Any, target: str | None, opacity: float
+    service: InferenceService, image: Any, target: str | None, opacity: float, model: str | None = None
 ) -> tuple[Image.Image, Image.Image, str, Explanation]:
     """Both overlays, a caption, and the explanation itself (kept in the session to re-blend)."""
     with user_errors():
         target = check_text("the class to explain", target, MAX_TARGET_CHARS)
         opacity = check_number("opacity", opacity, 0.0, 1.0)
         source, name = image_source(image)
-        explanation = service.explain(source, target or None, name=name)
+        explanation = service.explain(source, target or None, name=name, model=model)
     single, multi = blend(explanation, opacity)
     return single, multi, describe(explanation), explanation
 
@@ -64,15 +64,15 @@ def describe(explanation: Explanation) -> str:
     )
 
 
-def class_choices(service: InferenceService) -> Any:
-    """The class menu for the selected model: its classes, after "Predicted class"."""
+def class_choices(service: InferenceService, model: str | None = None) -> Any:
+    """The class menu for the session's model: its classes, after "Predicted class"."""
     return gr.Dropdown(
-        choices=[("Predicted class", PREDICTED), *[(label, label) for label in service.labels]],
+        choices=[("Predicted class", PREDICTED), *[(label, label) for label in service.info(model).labels]],
         value=PREDICTED,
     )
 
 
-def build(service: InferenceService) -> list[ModelView]:
+def build(service: InferenceService, model: gr.State | None = None) -> list[ModelView]:
     """Create the tab's components and wire its `explain` event and the opacity slider; returns what a model
     change redraws."""
     with gr.Row():
@@ -110,7 +110,7 @@ def build(service: InferenceService) -> list[ModelView]:
     explanation = gr.State()
     button.click(
         partial(explain, service),
-        inputs=[image, target, opacity],
+        inputs=[image, target, opacity, *([model] if model else [])],
         outputs=[single, multi, caption, explanation],
         api_name="explain",
         preprocess=False,  # `open_image` decodes the upload, with clear messages for bad files

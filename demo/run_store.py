@@ -21,7 +21,8 @@ from finetune.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = ".cache"
-NOT_EXPORTED = (CACHE_DIR, STATE_META_FILE, STATE_TENSORS_FILE)  # machine-local, never in a download
+OWNER_FILE = "owner.txt"  # the owner key of the visitor who trained the run (`demo.lanes`)
+NOT_EXPORTED = (CACHE_DIR, STATE_META_FILE, STATE_TENSORS_FILE, OWNER_FILE)  # never in a download
 
 
 class RunStore:
@@ -42,12 +43,15 @@ class RunStore:
         return [path for path in self._folders(in_progress) if has_model(path)]
 
     def zip_run(self, run_id: str, out_dir: Path, in_progress: Collection[str] = ()) -> Path:
-        """`out_dir/<run_id>.zip` of a finished run, without its cache and resumable state."""
+        """`out_dir/<run_id>.zip` of a finished run, without its cache, state and owner; written once and
+        reused while it is newer than the run's config (a download costs no disk or CPU after the first)."""
         run_dir = self.runs_dir / run_id
         if run_id in in_progress or not _is_plain_name(run_id) or not has_model(run_dir):
             raise ConfigError(f"no finished run '{run_id}'; train one first or pick one from the list.")
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"{run_id}.zip"
+        if target.is_file() and target.stat().st_mtime >= _written_at(run_dir):
+            return target
 
         def write(tmp: Path) -> None:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
@@ -76,6 +80,17 @@ class RunStore:
                 "Pruned run %s to stay within %d runs and %d bytes.", path.name, self.max_runs, self.max_bytes
             )
         return removed
+
+    def set_owner(self, run_id: str, owner: str) -> None:
+        """Record who trained `run_id`, so the run stays theirs after a restart."""
+        (self.runs_dir / run_id / OWNER_FILE).write_text(owner, encoding="utf-8")
+
+    def owner(self, run_id: str) -> str | None:
+        """The owner key recorded for `run_id`, or None (a run the operator put there, or an older one)."""
+        path = self.runs_dir / run_id / OWNER_FILE
+        if not _is_plain_name(run_id) or not path.is_file():
+            return None
+        return path.read_text(encoding="utf-8").strip() or None
 
     def finish(self, run_id: str, keep: bool) -> None:
         """A run ended: keep its model and reports only, or remove it entirely."""

@@ -1,8 +1,10 @@
 """InferenceService: the app's models and everything it computes with them, with no Gradio in sight.
 
 The service holds one or more named runs (the embedded ImageNet model, a fine-tuned run folder, an
-`hf-hub:` run), one of them selected. Each request looks up the selected run once and uses it to the end,
-so swapping models under the lock never mixes two models in one answer. Classification goes through
+`hf-hub:` run, runs trained in the app); there is no global selection. Each request names its model (the
+visitor's choice, kept in their session; None means the operator's default), looks it up once and uses it
+to the end, so replacing a run under the lock never mixes two models in one answer. Who may use which
+model is `self.lanes` (`demo.lanes`). Classification goes through
 `finetune.inference.create_classifier` (whatever runtime it picks) behind a `MicroBatcher`, so concurrent
 visitors share forward passes; Grad-CAM works on a private copy of the model under its own lock.
 """
@@ -21,6 +23,7 @@ from PIL import Image
 
 from demo.batching import MicroBatcher
 from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_cam_model, view_scale
+from demo.lanes import Lanes
 from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
 from finetune.images import ImageSource, open_image
@@ -99,14 +102,15 @@ class _Model:
 
 
 class InferenceService:
-    """Named runs, one selected, and the three things the app does with it: classify, explain, batch."""
+    """Named runs, a default one, and the three things the app does with them: classify, explain, batch."""
 
     def __init__(self, runtime: str = "auto", max_batch_size: int = 8) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self._models: dict[str, _Model] = {}
-        self._selected: str | None = None
+        self._default: str | None = None  # the operator's model, for requests that name none
         self._lock = threading.Lock()
+        self.lanes = Lanes()  # owners of trained runs and each session's model in use
 
     @classmethod
     def from_checkpoint(
@@ -122,34 +126,36 @@ class InferenceService:
             service.add_run(DEFAULT_NAME, load_default_run())
         return service
 
-    def add_run(self, name: str, run: LoadedRun, select: bool = True) -> None:
-        """Serve `run` under `name` (replacing a run of that name); select it unless told otherwise."""
+    def add_run(self, name: str, run: LoadedRun, make_default: bool = True) -> None:
+        """Serve `run` under `name` (replacing a run of that name); the default model when told (or the
+        first one). Trained runs are added with `make_default=False`, owned in `self.lanes`."""
         model = _Model(name, run, self.runtime, self.max_batch_size)
         with self._lock:
             old = self._models.pop(name, None)
             self._models[name] = model
-            if select or self._selected is None:
-                self._selected = name
+            if make_default or self._default is None:
+                self._default = name
         if old is not None:
             old.batcher.close()
         logger.info("Serving %s (%s, %d classes).", name, run.architecture, len(run.labels))
 
     def remove_run(self, name: str) -> None:
-        """Stop serving `name` (its run folder was pruned); if it was selected, the first model left is."""
+        """Stop serving `name` (its run folder was pruned); if it was the default, the first model left is."""
         with self._lock:
             model = self._models.pop(name, None)
-            if model is not None and self._selected == name:
-                self._selected = next(iter(self._models), None)
+            if model is not None and self._default == name:
+                self._default = next(iter(self._models), None)
+        self.lanes.forget(name)
         if model is not None:
             model.batcher.close()
             logger.info("No longer serving %s.", name)
 
-    def select(self, name: str) -> None:
-        """Make `name` the model that new requests use; requests already running finish on their model."""
+    def set_default(self, name: str) -> None:
+        """Make `name` the model of requests that name none (the operator's choice, not a visitor's)."""
         with self._lock:
             if name not in self._models:
                 raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(self._models)}.")
-            self._selected = name
+            self._default = name
 
     def available_models(self) -> list[str]:
         """Names of the runs this service holds, in the order they were added."""
@@ -157,16 +163,18 @@ class InferenceService:
             return list(self._models)
 
     @property
-    def selected(self) -> str:
+    def default_model(self) -> str:
+        """The model of requests that name none: the operator's `--checkpoint` or the embedded one."""
         return self._current().name
 
     @property
     def labels(self) -> list[str]:
+        """The default model's class names (a session's model: `info(model).labels`)."""
         return list(self._current().run.labels)
 
-    def info(self) -> ModelInfo:
-        """The selected model's card."""
-        model = self._current()
+    def info(self, model: str | None = None) -> ModelInfo:
+        """The card of `model` (None: the default)."""
+        model = self._current(model)
         run, studio = model.run, model.run.studio
         return ModelInfo(
             name=model.name,
@@ -179,15 +187,18 @@ class InferenceService:
             or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
         )
 
-    def predict_topk(self, image: ImageSource, k: int | float = 5, name: str | None = None) -> Prediction:
-        """Top-k classes of one image; concurrent calls are batched into shared forward passes.
+    def predict_topk(
+        self, image: ImageSource, k: int | float = 5, name: str | None = None, model: str | None = None
+    ) -> Prediction:
+        """Top-k classes of one image by `model` (None: the default); concurrent calls to one model are
+        batched into shared forward passes.
 
         `name` is how the image is called in error messages (an upload's original file name).
         """
-        model = self._current()
-        picture = self._open(model, image, name)
-        probs = model.batcher.submit(picture)
-        return top_k(probs[None, :], model.run.labels, _check_k(k))[0]
+        served = self._current(model)
+        picture = self._open(served, image, name)
+        probs = served.batcher.submit(picture)
+        return top_k(probs[None, :], served.run.labels, _check_k(k))[0]
 
     def explain(
         self,
@@ -195,9 +206,11 @@ class InferenceService:
         target: str | None = None,
         scales: Sequence[float] = MULTI_SCALES,
         name: str | None = None,
+        model: str | None = None,
     ) -> Explanation:
-        """Grad-CAM of `target` (a class name; None or "" for the predicted one), single and multi-scale."""
-        model = self._current()
+        """Grad-CAM of `target` (a class name; None or "" for the predicted one) by `model` (None: the
+        default), single and multi-scale."""
+        model = self._current(model)
         labels = model.run.labels
         if target and target not in labels:  # checked before the model runs: a wrong name costs nothing
             raise ConfigError(f"unknown class '{target}'; pick one of the model's {len(labels)} classes.")
@@ -217,13 +230,15 @@ class InferenceService:
             predicted=top_k(probs[None, :], labels, 5)[0],
         )
 
-    def predict_batch(self, files: Sequence[str | Path], k: int = 5) -> list[BatchRow]:
-        """One row per file, in order: its top-k, or the reason it could not be read."""
+    def predict_batch(
+        self, files: Sequence[str | Path], k: int = 5, model: str | None = None
+    ) -> list[BatchRow]:
+        """One row per file, in order: its top-k by `model` (None: the default), or why it was unreadable."""
         if not files:
             raise ImageError("no files to classify; upload one or more images.")
         if len(files) > MAX_BATCH_FILES:
             raise ConfigError(f"{len(files)} files in one batch; send at most {MAX_BATCH_FILES} at a time.")
-        model, k = self._current(), _check_k(k)
+        model, k = self._current(model), _check_k(k)
         rows: list[BatchRow] = []
         for start in range(0, len(files), FILE_CHUNK):
             chunk = [Path(file) for file in files[start : start + FILE_CHUNK]]
@@ -262,15 +277,19 @@ class InferenceService:
         for model in models:
             model.batcher.close()
 
-    def batch_sizes(self) -> dict[int, int]:
-        """How many forward passes of each size the selected model's batcher has run."""
-        return dict(self._current().batcher.batch_sizes)
+    def batch_sizes(self, model: str | None = None) -> dict[int, int]:
+        """How many forward passes of each size the batcher of `model` (None: the default) has run."""
+        return dict(self._current(model).batcher.batch_sizes)
 
-    def _current(self) -> _Model:
+    def _current(self, name: str | None = None) -> _Model:
+        """The served model `name` (None: the default); callers checked the visitor may use it."""
         with self._lock:
-            if self._selected is None:
+            if self._default is None:
                 raise ConfigError("no model loaded; start the app with --checkpoint RUN_DIR or the default.")
-            return self._models[self._selected]
+            model = self._models.get(name or self._default)
+        if model is None:
+            raise ConfigError(f"no model '{str(name)[:80]}' here; pick one from the Model menu.")
+        return model
 
     def _open(self, model: _Model, image: ImageSource, name: str | None, scale: float = 1.0) -> Image.Image:
         """Open through `open_image`, decoding JPEGs only as large as the run's resize step needs."""

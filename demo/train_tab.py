@@ -4,18 +4,19 @@ Its event is the app's `train` API: (zip of class folders, model, strategy, epoc
 (run id, final metrics). It blocks until the run ends (yielding the queue position and epochs on the way),
 so a `gradio_client` caller gets the result from `predict()`; `cancel_training` (run id) stops a run. In the
 browser, a timer polls the `TrainingManager` for the progress bar, the epoch table and the curves, and when
-the run ends the Model menu is refreshed and the run folder is offered as a zip.
+the run ends the Model menu is refreshed and the run folder is offered as a zip. A run is its trainer's
+(`demo.lanes`): polling, cancel, the zip and the menu check the caller's owner key, with one refusal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from demo.lanes import NOBODY
+from demo.model_picker import menu_update, owner_of
 from demo.service import InferenceService
 from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
 from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
@@ -53,13 +56,16 @@ INTRO = (
 
 
 def serve_trained_runs(manager: TrainingManager, service: InferenceService) -> None:
-    """Serve every finished run under the data folder now, and each new one as soon as it finishes."""
+    """Serve every finished run under the data folder now, and each new one as soon as it finishes, to its
+    owner only (runs found without an owner record: to nobody, unless runs are shared)."""
 
     def add(run_id: str, run_dir: Path) -> None:
-        service.add_run(run_id, load_run(run_dir), select=False)
+        service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)  # before it is served
+        service.add_run(run_id, load_run(run_dir), make_default=False)
 
     manager.on_model_ready = add
     manager.on_run_removed = service.remove_run
+    manager.runs_in_use = service.lanes.in_use
     for run_dir in manager.existing_runs():
         try:
             add(run_dir.name, run_dir)
@@ -89,13 +95,16 @@ def train(
     epochs: float,
     time_budget_min: float,
     classes: list | None = None,
+    owner: str | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Import the upload, queue the run and follow it: yields (run id, status) until the final metrics."""
+    """Import the upload, queue the run for `owner` and follow it: yields (run id, status) until the final
+    metrics."""
     with user_errors():
         epochs = check_number("epochs", epochs or 0, 0, MAX_EPOCHS, whole=True)
         budget_min = check_number(
             "the time budget (minutes)", time_budget_min or DEFAULT_BUDGET_MIN, MIN_BUDGET_MIN, MAX_BUDGET_MIN
         )
+        manager.check_room(owner)  # a full queue or a visitor's second job: refused before unpacking
         dataset = _import(manager, zip_file, classes)
         options = TrainOptions(
             model=model or DEFAULT_MODEL,
@@ -103,7 +112,7 @@ def train(
             epochs=epochs,
             time_budget_s=budget_min * 60,
         )
-        run_id = manager.submit(dataset.root, list(dataset.class_counts), options)
+        run_id = manager.submit(dataset.root, list(dataset.class_counts), options, owner=owner)
     status = manager.status(run_id)
     if status.state == QUEUED and status.queue_position:
         gr.Info(
@@ -122,10 +131,10 @@ def train(
     yield run_id, final_metrics(status, dataset)
 
 
-def cancel_training(manager: TrainingManager, run_id: str) -> str:
-    """Stop a queued or running training; a running one keeps its best checkpoint so far."""
+def cancel_training(manager: TrainingManager, run_id: str, owner: str | None = None) -> str:
+    """Stop a queued or running training of `owner`'s; a running one keeps its best checkpoint so far."""
     with user_errors():
-        status = manager.cancel((run_id or "").strip())
+        status = manager.cancel(str(run_id or "").strip(), owner)
     return public_message(status.message)
 
 
@@ -141,9 +150,13 @@ def final_metrics(status: JobStatus, dataset: ImportedDataset) -> dict[str, Any]
     }
 
 
-def poll(manager: TrainingManager, run_id: str, shown_epochs: int | None) -> tuple[Any, ...]:
+def poll(
+    manager: TrainingManager, run_id: str, shown_epochs: int | None, owner: str | None = None
+) -> tuple[Any, ...]:
     """Timer tick: progress bar, epoch table and curves (only when a new epoch ended); stops when done."""
     try:
+        if owner is not None:
+            manager.check_owner(run_id, owner)
         status = manager.status(run_id)
     except StudioError:  # no run yet, or one this server no longer knows (restarted): nothing to follow
         return gr.skip(), gr.skip(), gr.skip(), shown_epochs, gr.Timer(active=False)
@@ -209,14 +222,25 @@ def curves_image(status: JobStatus) -> Image.Image | None:
 
 
 def finish(
-    manager: TrainingManager, service: InferenceService, run_id: str, metrics: dict | None
+    manager: TrainingManager,
+    service: InferenceService,
+    run_id: str,
+    metrics: dict | None,
+    model: str | None = None,
+    request: gr.Request | None = None,
 ) -> tuple[Any, ...]:
-    """After the run: final progress, table and curves, the result note, the run zip, the Model menu."""
+    """After the run: final progress, table and curves, the result note, the run zip (only to the run's
+    owner, also when called by its private event's index), the Model menu with the session's `model`."""
     if not run_id:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    status = manager.status(run_id)
+    with user_errors():
+        manager.check_owner(run_id, owner_of(service, request))
+        menu = menu_update(service, model, request)
+        try:
+            status = manager.status(run_id)
+        except StudioError:  # a run from before a restart: its folder is all there is
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _zip_for_download(manager, run_id), menu
     download = _zip_for_download(manager, run_id) if status.has_model else None
-    menu = gr.Dropdown(choices=service.available_models(), value=service.selected)
     return (
         render_progress(status),
         epoch_table(status.history),
@@ -243,8 +267,16 @@ def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
     return "  \n".join(lines)
 
 
-def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dropdown) -> None:
-    """Create the tab's components and wire `train`, `cancel_training` and the browser's progress."""
+def build(
+    service: InferenceService,
+    manager: TrainingManager,
+    model_menu: gr.Dropdown,
+    model_state: gr.State | None = None,
+) -> None:
+    """Create the tab's components and wire `train`, `cancel_training` and the browser's progress; every
+    handler acts for the caller's owner key (`demo.lanes`)."""
+    is_open = manager.limits.models is None  # a personal studio takes any timm name; a public one a list
+    max_budget_min = max(MIN_BUDGET_MIN, int(min(MAX_BUDGET_MIN * 60, manager.limits.max_budget_s) // 60))
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -272,8 +304,10 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
                     manager.model_choices(),
                     value=DEFAULT_MODEL,
                     label="Model to start from",
-                    info=f"{DEFAULT_MODEL} ships its ImageNet weights; other timm names download theirs.",
-                    allow_custom_value=True,
+                    info=f"{DEFAULT_MODEL} ships its ImageNet weights; other timm names download theirs."
+                    if is_open
+                    else "The models this server offers for training.",
+                    allow_custom_value=is_open,
                     elem_id="train-model",
                 )
                 strategy = gr.Dropdown(
@@ -289,8 +323,8 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
                 )
                 budget = gr.Slider(
                     MIN_BUDGET_MIN,
-                    MAX_BUDGET_MIN,
-                    value=DEFAULT_BUDGET_MIN,
+                    max_budget_min,
+                    value=min(DEFAULT_BUDGET_MIN, max_budget_min),
                     step=1,
                     label="Time budget (minutes)",
                     elem_id="train-budget",
@@ -314,6 +348,32 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
     classes = gr.State()
     shown_epochs = gr.State()
     timer = gr.Timer(POLL_S, active=False)
+    model_state = model_state if model_state is not None else gr.State(None)
+
+    # Closures, not partials: Gradio hands `gr.Request` only to functions whose hints it can read. The
+    # parameter names are the `train` API's.
+    def on_train(
+        zip_file: str | None,
+        model: str,
+        strategy: str,
+        epochs: float,
+        time_budget_min: float,
+        classes: list | None,
+        request: gr.Request,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        owner = owner_of(service, request)
+        yield from train(manager, zip_file, model, strategy, epochs, time_budget_min, classes, owner)
+
+    def on_finish(
+        run_id: str, metrics: dict | None, model: str | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        return finish(manager, service, run_id, metrics, model, request)
+
+    def on_poll(run_id: str, shown_epochs: int | None, request: gr.Request) -> tuple[Any, ...]:
+        return poll(manager, run_id, shown_epochs, owner_of(service, request))
+
+    def on_cancel(run_id: str, request: gr.Request) -> str:
+        return cancel_training(manager, run_id, owner_of(service, request))
 
     source.change(_show_source, source, [zip_group, classes_group], api_visibility="private", queue=False)
     names.change(
@@ -322,7 +382,7 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
     start.click(
         collect_classes, [source, names, *uploads], classes, api_visibility="private", queue=False
     ).success(
-        partial(train, manager),
+        on_train,
         inputs=[zip_file, model, strategy, epochs, budget, classes],
         outputs=[run_id, metrics],
         api_name="train",
@@ -330,23 +390,21 @@ def build(service: InferenceService, manager: TrainingManager, model_menu: gr.Dr
         concurrency_id="train",
         show_progress="minimal",
     ).then(
-        partial(finish, manager, service),
-        inputs=[run_id, metrics],
+        on_finish,
+        inputs=[run_id, metrics, model_state],
         outputs=[progress, table, curves, note, download, model_menu],
         api_visibility="private",
     )
     run_id.change(_start_polling, run_id, [timer, shown_epochs], api_visibility="private", queue=False)
     timer.tick(
-        partial(poll, manager),
+        on_poll,
         inputs=[run_id, shown_epochs],
         outputs=[progress, table, curves, shown_epochs, timer],
         api_visibility="private",
         queue=False,
         show_progress="hidden",
     )
-    cancel.click(
-        partial(cancel_training, manager), run_id, note, api_name="cancel_training", concurrency_limit=None
-    )
+    cancel.click(on_cancel, run_id, note, api_name="cancel_training", concurrency_limit=None)
 
 
 def _import(manager: TrainingManager, zip_file: str | None, classes: list | None) -> ImportedDataset:
@@ -394,12 +452,17 @@ def _start_polling(run_id: str) -> tuple[Any, None]:
 
 
 def _zip_for_download(manager: TrainingManager, run_id: str) -> str:
-    """Zip the run where Gradio may serve it from (the temp folder), deleting zips older than an hour."""
-    DOWNLOAD_ROOT.mkdir(parents=True, exist_ok=True)
-    for old in DOWNLOAD_ROOT.iterdir():
-        if time.time() - old.stat().st_mtime > KEEP_DOWNLOADS_S:
-            shutil.rmtree(old, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(prefix="run-", dir=DOWNLOAD_ROOT))
+    """The run's one zip, where Gradio may serve it from (the temp folder, one subfolder per data folder),
+    reused by every later download; zips untouched for an hour are deleted."""
+    data_key = hashlib.sha256(str(manager.runs_dir.resolve()).encode()).hexdigest()[:16]
+    folder = DOWNLOAD_ROOT / data_key
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.name != f"{run_id}.zip" and time.time() - old.stat().st_mtime > KEEP_DOWNLOADS_S:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     return str(manager.zip_run(run_id, folder))
 
 

@@ -6,27 +6,33 @@ worker runs queued jobs first come, first served, each into `DATA_DIR/runs/<run_
 Cancel is the engine's `should_stop` callback, so a cancelled run ends at a batch edge with its best
 checkpoint saved. When a job leaves a model, `on_model_ready(run_id, run_dir)` lets the app serve it right
 away. Disk use is bounded: a job's uploaded dataset is deleted when it ends, and `RunStore` strips and prunes
-the run folders. No Gradio here: tests drive it directly.
+the run folders, never one in progress or one a visitor is using (`runs_in_use`). Each job has an owner
+(`demo.lanes` owner key): only the owner cancels it. `TrainLimits` bound what one visitor may ask for; a
+public server uses `TrainLimits.public()`. No Gradio here: tests drive it directly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from demo.lanes import not_yours
 from demo.run_store import RunStore, has_model
 from finetune.config import TrainConfig
 from finetune.distributed import DistContext, resolve_device
 from finetune.engine import TrainEvent
-from finetune.errors import ConfigError, StudioError
+from finetune.errors import ConfigError, StoppedError, StudioError
 from finetune.modeling import DEFAULT_MODEL, check_model_name
 from finetune.trainer import fine_tune
 
@@ -38,8 +44,30 @@ TEST_MODELS = ("test_efficientnet", "test_vit")  # timm's tiny random-init model
 MAX_TIME_BUDGET_S = 6 * 3600  # one visitor cannot hold the only training slot for longer
 KEEP_FINISHED_JOBS = 100  # status records of ended jobs kept in memory (their folders follow the run limits)
 
+PUBLIC_BUDGET_S = 15 * 60  # the time-budget cap of a public server
+PUBLIC_MAX_QUEUED = 4  # trainings waiting behind the running one on a public server
+
 ModelReadyHook = Callable[[str, Path], None]
 RunRemovedHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """What one visitor may ask of the shared trainer. The defaults are a personal studio's (any timm
+    model, any number of jobs); `public()` is what a server open to strangers applies."""
+
+    models: tuple[str, ...] | None = None  # timm names offered; None: the default and any other timm name
+    jobs_per_owner: int | None = None  # queued or running jobs one visitor may have; None: no limit
+    max_budget_s: float = MAX_TIME_BUDGET_S  # the longest time budget a job may ask for
+    threads: int = 0  # torch threads and decoding workers while training; 0: every core
+
+    @classmethod
+    def public(
+        cls, models: tuple[str, ...] = (), max_budget_s: float = PUBLIC_BUDGET_S, threads: int = 0
+    ) -> TrainLimits:
+        """The embedded model plus `models`, one job per visitor, the budget cap, all cores but one."""
+        allowed = tuple(dict.fromkeys((DEFAULT_MODEL, *models)))
+        return cls(allowed, 1, max_budget_s, threads or max(1, (os.cpu_count() or 1) - 1))
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,7 @@ class _Job:
     status: JobStatus
     config: TrainConfig
     dataset_dir: Path
+    owner: str | None = None  # owner key of the visitor who asked for it; None: the operator (tests, CLI)
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
     timed_out: bool = False
@@ -111,11 +140,13 @@ class TrainingManager:
         max_run_bytes: int = 5 * 1024**3,
         max_queued: int = 8,
         allow_test_models: bool = False,
+        limits: TrainLimits | None = None,
         train_overrides: dict[str, Any] | None = None,
         on_model_ready: ModelReadyHook | None = None,
         on_run_removed: RunRemovedHook | None = None,
     ) -> None:
         """Args:
+        limits: what one visitor may ask for (default: a personal studio's `TrainLimits()`).
         train_overrides: extra `TrainConfig` fields for every job (tests use a small `img_size`).
         on_model_ready: called with (run_id, run_dir) when a job leaves a model, before it reports done.
         on_run_removed: called with the run id of every run folder that pruning deletes.
@@ -128,6 +159,8 @@ class TrainingManager:
         self.datasets_dir = self.data_dir / "datasets"
         self.max_queued = max_queued
         self.allow_test_models = allow_test_models
+        self.limits = limits or TrainLimits()
+        self.runs_in_use: Callable[[], Collection[str]] | None = None  # models visitors use: never pruned
         self.train_overrides = dict(train_overrides or {})
         self.on_model_ready = on_model_ready
         self.on_run_removed = on_run_removed
@@ -142,29 +175,36 @@ class TrainingManager:
         self._worker.start()
 
     def model_choices(self) -> list[str]:
-        """Model names the Train tab offers: the default, plus the tiny test models when allowed."""
-        return [DEFAULT_MODEL, *(TEST_MODELS if self.allow_test_models else ())]
+        """Model names the Train tab offers: the allow-list (or the default), plus the test models when
+        allowed."""
+        tests = TEST_MODELS if self.allow_test_models else ()
+        offered = [*(self.limits.models or (DEFAULT_MODEL,)), *tests]
+        return list(dict.fromkeys(offered))
 
-    def submit(self, dataset_dir: Path, classes: list[str], options: TrainOptions) -> str:
-        """Queue training on `dataset_dir` (which the manager now owns and deletes when the job ends).
+    def check_room(self, owner: str | None = None) -> None:
+        """Refuse at once (before an upload is unpacked) when the queue is full or `owner` has a job."""
+        with self._condition:
+            self._check_room(owner)
+
+    def submit(
+        self, dataset_dir: Path, classes: list[str], options: TrainOptions, owner: str | None = None
+    ) -> str:
+        """Queue training on `dataset_dir` (which the manager now owns and deletes when the job ends) for
+        the visitor `owner`.
 
         Bad options raise `ConfigError` and a full queue a `StudioError`, before anything is queued.
         """
         try:
             with self._condition:
-                if self._closing:
-                    raise StudioError("the server is shutting down; try again in a minute.")
-                waiting = len(self._queue)
-                if len(self._active_ids()) > self.max_queued:
-                    raise StudioError(
-                        f"the training queue is full ({waiting} waiting); try again when one has finished."
-                    )
+                self._check_room(owner)
                 run_id = self._new_run_id(classes)
                 config = self._config(dataset_dir, self.runs_dir / run_id, options)
                 status = JobStatus(
                     run_id, QUEUED, 0, 0, list(classes), run_dir=config.out, message="Waiting to start"
                 )
-                self._jobs[run_id] = _Job(status=status, config=config, dataset_dir=Path(dataset_dir))
+                self._jobs[run_id] = _Job(
+                    status=status, config=config, dataset_dir=Path(dataset_dir), owner=owner
+                )
                 self._queue.append(run_id)
                 self._refresh_positions()
                 self._condition.notify_all()
@@ -203,8 +243,22 @@ class TrainingManager:
                 self._condition.wait(remaining)
             return self._job(run_id).status
 
-    def cancel(self, run_id: str) -> JobStatus:
-        """Stop a job: a queued one never starts; a running one ends at the next batch, keeping its best."""
+    def owner_of(self, run_id: str) -> str | None:
+        """Who asked for `run_id`: its job's owner, or the one its run folder records (after a restart)."""
+        with self._condition:
+            job = self._jobs.get(run_id)
+        return job.owner if job is not None else self.runs.owner(run_id)
+
+    def check_owner(self, run_id: str, owner: str) -> None:
+        """The one refusal, alike for a run that does not exist and another visitor's run."""
+        if not run_id or self.owner_of(run_id) != owner:
+            raise not_yours("training run", run_id or "")
+
+    def cancel(self, run_id: str, owner: str | None = None) -> JobStatus:
+        """Stop a job (only its `owner` may, when given): a queued one never starts; a running one ends at
+        the next batch, keeping its best."""
+        if owner is not None:
+            self.check_owner(run_id, owner)
         with self._condition:
             job = self._job(run_id)
             if job.status.state == QUEUED:
@@ -231,10 +285,12 @@ class TrainingManager:
         return self.runs.zip_run(run_id, out_dir, active)
 
     def prune(self) -> list[str]:
-        """Delete the oldest runs past the store's limits (never one in progress); tell `on_run_removed`."""
+        """Delete the oldest runs past the store's limits (never one in progress or in use by a visitor);
+        tell `on_run_removed`."""
         with self._condition:
             active = self._active_ids()
-        removed = self.runs.prune(active)
+        in_use = set(self.runs_in_use()) if self.runs_in_use is not None else set()
+        removed = self.runs.prune(active | in_use)
         if self.on_run_removed is not None:
             for run_id in removed:
                 self.on_run_removed(run_id)
@@ -273,6 +329,8 @@ class TrainingManager:
 
     def _run(self, job: _Job) -> None:
         run_id = job.status.run_id
+        if self.limits.threads:
+            torch.set_num_threads(self.limits.threads)  # leave a core to Classify while training
         budget_s = job.config.time_budget_s
 
         def should_stop() -> bool:
@@ -293,8 +351,14 @@ class TrainingManager:
             state, error = (CANCELLED if job.cancel.is_set() else DONE), ""
             if not result.metrics:
                 state, error = _nothing_saved(job)
-            elif self.on_model_ready is not None:
-                self.on_model_ready(run_id, job.config.out)
+            else:
+                if job.owner is not None:
+                    self.runs.set_owner(run_id, job.owner)
+                if self.on_model_ready is not None:
+                    self.on_model_ready(run_id, job.config.out)
+        except StoppedError:  # cancel or the budget, while decoding or extracting features: nothing saved
+            result = None
+            state, error = _nothing_saved(job)
         except StudioError as failure:
             result, state, error = None, FAILED, str(failure)
         except Exception as failure:  # a bug: keep the traceback in the log, tell the user what happened
@@ -342,15 +406,37 @@ class TrainingManager:
 
     # Housekeeping.
 
+    def _check_room(self, owner: str | None) -> None:
+        """Refuse when closing, when the queue is full, or when `owner` already has its jobs."""
+        if self._closing:
+            raise StudioError("the server is shutting down; try again in a minute.")
+        active = self._active_ids()
+        if len(active) > self.max_queued:
+            raise StudioError(
+                f"the training queue is full ({len(self._queue)} waiting); try again when one has finished."
+            )
+        limit = self.limits.jobs_per_owner
+        mine = sum(self._jobs[rid].owner == owner for rid in active) if owner is not None else 0
+        if limit is not None and mine >= limit:
+            raise StudioError(
+                f"you already have {limit} training{'s' if limit > 1 else ''} queued or running here; "
+                "wait for it to end (or cancel it) before starting another."
+            )
+
     def _config(self, dataset_dir: Path, out: Path, options: TrainOptions) -> TrainConfig:
         """The job's `TrainConfig`, validated now so a bad option is refused before it is queued."""
         model = (options.model or DEFAULT_MODEL).strip()
         if model in TEST_MODELS and not self.allow_test_models:
             raise ConfigError(f"'{model}' is a test model; choose {DEFAULT_MODEL} or another timm model.")
+        if self.limits.models is not None and model not in self.model_choices():
+            offered = ", ".join(self.model_choices())
+            raise ConfigError(f"'{model[:80]}' is not offered on this server; choose one of: {offered}.")
         check_model_name(model)
-        if not 0 < float(options.time_budget_s) <= MAX_TIME_BUDGET_S:
+        max_budget_s = min(MAX_TIME_BUDGET_S, self.limits.max_budget_s)
+        budget_s = float(options.time_budget_s)
+        if not 0 < budget_s <= max_budget_s:  # also refuses NaN
             raise ConfigError(
-                f"invalid time budget {options.time_budget_s} s; use up to {MAX_TIME_BUDGET_S // 3600} hours."
+                f"invalid time budget {budget_s / 60:g} minutes; use up to {max_budget_s / 60:g} minutes."
             )
         values = {
             "data_dir": dataset_dir,
@@ -361,6 +447,7 @@ class TrainingManager:
             "epochs": int(options.epochs),
             "time_budget_s": float(options.time_budget_s),
             "quiet": True,
+            **({"workers": self.limits.threads} if self.limits.threads else {}),
             **self.train_overrides,
         }
         return TrainConfig(**values)

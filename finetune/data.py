@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.errors import DatasetError, ImageError
+from finetune.errors import DatasetError, ImageError, StoppedError
 from finetune.images import is_image_file, open_image
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,12 @@ def build_cache(
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     draft_size: tuple[int, int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CachedImages:
     """Decode, resize and crop every image once; return uint8 pixels of the good ones.
+
+    `should_stop` is asked before each image; once it says yes, the rest are skipped and `StoppedError`
+    is raised.
 
     With `cache_path`, pixels live in a memory-mapped `.npy` (large datasets need no RAM, and a finished
     cache is reused by a resumed run or by other processes on the node); a sidecar lists which files failed.
@@ -159,6 +163,8 @@ def build_cache(
     errors: dict[int, str] = {}
 
     def decode(index: int) -> None:
+        if should_stop is not None and should_stop():
+            return
         try:
             image = geometric_transform(open_image(samples[index].path, draft_size=draft_size))
             array = np.asarray(image, dtype=np.uint8)
@@ -173,6 +179,8 @@ def build_cache(
         for done, _ in enumerate(pool.map(decode, range(count)), start=1):
             if on_progress is not None:
                 on_progress(done, count)
+    if should_stop is not None and should_stop():
+        raise StoppedError("stopped while decoding the images; nothing was saved.")
     if cache_path is not None:
         _write_cache(cache_path, key, pixels, ok, errors)
     return _as_cached(samples, pixels, ok, errors)

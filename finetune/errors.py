@@ -34,3 +34,8 @@ class WeightsUnavailableError(StudioError, RuntimeError):
 
 class RuntimeUnavailableError(StudioError, RuntimeError):
     """Raised when an optional runtime (such as onnxruntime) is requested but not installed."""
+
+
+class StoppedError(StudioError):
+    """Raised when `should_stop` ends a run while it decodes images or extracts features, before any
+    checkpoint exists (cancel, or the time budget spent)."""

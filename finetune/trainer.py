@@ -47,7 +47,7 @@ from finetune.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from finetune.errors import ConfigError, DatasetError
+from finetune.errors import ConfigError, DatasetError, StoppedError
 from finetune.model_card import write_model_card
 from finetune.modeling import (
     create_model_and_transforms,
@@ -168,8 +168,9 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
         path = cache_dir / f"{name}_{image_size}.npy"
         if dist.is_local_main:
             caches[name] = build_cache(
-                samples, geometric, image_size, path, config.workers or None, progress, draft
-            )
+                samples, geometric, image_size, path, config.workers or None, progress, draft,
+                stop if dist.world_size == 1 else None,  # one process: no rank left waiting at the barrier
+            )  # fmt: skip
         dist.barrier()
         if not dist.is_local_main:
             caches[name] = build_cache(
@@ -270,15 +271,22 @@ def _linear_probe(run: _Run) -> bool:
     run.emit(TrainEvent("status", phase="probe", message="Linear probe: extracting features"))
     started = time.perf_counter()
 
+    def check_stop(step: int = 0, steps: int = 0) -> None:
+        if run.dist.world_size == 1 and run.should_stop():  # one process: no rank left in a collective
+            raise StoppedError("stopped while extracting features; nothing was saved.")
+
     def progress(step: int, steps: int) -> None:
         run.emit(TrainEvent("step", phase="probe", step=step, steps=steps))
+        check_stop()
 
     train_features = extract_features(
         run.model, run.train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist
     )
     share = -(-len(run.train) // run.dist.world_size)  # images each process extracted
     forward_s_per_image = (time.perf_counter() - started) / max(share, 1)
-    val_features = extract_features(run.model, run.val, run.mean, run.std, run.precision, dist=run.dist)
+    val_features = extract_features(
+        run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist
+    )
     if run.dist.any_true(run.should_stop()):
         return True
     head = fit_linear_probe(

@@ -82,6 +82,17 @@ def test_train_tab_trains_shows_progress_and_the_new_model_classifies(
         page.locator("#classify-button").click()
         expect(page.locator("#classify-label")).to_contain_text("cat")
         expect(page.locator("#classify-label")).to_contain_text("coffee")  # the run's two classes, no others
+
+        page.reload()  # a new session; the browser's remembered token still owns the run
+        menu = page.locator("#model-menu input")
+        menu.click()
+        expect(page.get_by_role("option", name=run_id)).to_be_visible()
+        stranger = browser.new_context(viewport=VIEWPORT).new_page()  # another visitor: own storage
+        stranger.goto(url)
+        stranger.locator("#model-menu input").click()
+        expect(stranger.get_by_role("option").first).to_be_visible()
+        expect(stranger.get_by_role("option", name=run_id)).to_have_count(0)
+        stranger.context.close()
     finally:
         context.close()
 

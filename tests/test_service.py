@@ -167,7 +167,7 @@ def test_predict_batch_refuses_no_files_and_too_many(service: InferenceService, 
 def test_replacing_a_run_keeps_answering_requests_that_started_on_the_old_one(
     service: InferenceService, untrained_run_dir: Path
 ) -> None:
-    name = service.selected
+    name = service.default_model
     answers: list[list[str]] = []
 
     def keep_asking() -> None:
@@ -183,16 +183,22 @@ def test_replacing_a_run_keeps_answering_requests_that_started_on_the_old_one(
     assert service.available_models() == [name]
 
 
-def test_select_swaps_the_model_for_new_requests(service: InferenceService, digits_run_dir: Path) -> None:
-    first = service.selected
-    service.add_run("digits", load_run(digits_run_dir))
-    assert service.available_models() == [first, "digits"]
-    assert service.selected == "digits"
-    assert set(service.predict_topk(photo("chelsea"), k=2).labels) == {"zero", "one"}
-    service.select(first)
+def test_each_request_names_its_model_and_none_means_the_default(
+    service: InferenceService, digits_run_dir: Path
+) -> None:
+    first = service.default_model
+    service.add_run("digits", load_run(digits_run_dir), make_default=False)
+    assert service.available_models() == [first, "digits"] and service.default_model == first
+    assert set(service.predict_topk(photo("chelsea"), k=2, model="digits").labels) == {"zero", "one"}
     assert set(service.predict_topk(photo("chelsea"), k=3).labels) == {"cat", "coffee", "rocket"}
+    assert service.info("digits").labels == ["zero", "one"]
+    service.set_default("digits")
+    assert set(service.predict_topk(photo("chelsea"), k=2).labels) == {"zero", "one"}
+    service.set_default(first)
+    with pytest.raises(ConfigError, match="no model 'nope'"):
+        service.predict_topk(photo("chelsea"), model="nope")
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
-        service.select("nope")
+        service.set_default("nope")
 
 
 def test_info_reports_provenance_and_validation_metrics(digits_run_dir: Path) -> None:

@@ -158,7 +158,7 @@ def test_runs_already_in_the_data_folder_are_served_on_start(
     try:
         serve_trained_runs(manager, service)
         assert service.available_models() == ["earlier-run"]
-        assert service.selected == "earlier-run"  # the service had no model yet, so the first one is used
+        assert service.default_model == "earlier-run"  # the service had no model, so the first is used
         assert "Not serving run damaged-run" in caplog.text
         shutil.rmtree(runs / "damaged-run")
         shutil.copytree(untrained_run_dir, runs / "later-run")
@@ -166,7 +166,7 @@ def test_runs_already_in_the_data_folder_are_served_on_start(
         serve_trained_runs(manager, service)
         manager.runs.max_runs = 1
         assert manager.prune() == ["earlier-run"]  # pruned runs stop being served; the selection moves on
-        assert service.available_models() == ["later-run"] and service.selected == "later-run"
+        assert service.available_models() == ["later-run"] and service.default_model == "later-run"
     finally:
         manager.close()
         service.close()
