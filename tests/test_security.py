@@ -214,11 +214,11 @@ def test_file_routes_do_not_serve_files_outside_the_allowed_folders(
 @pytest.mark.parametrize(
     ("api_name", "data", "message"),
     [
-        ("classify", ["IMAGE", 1000], r"^k must be a whole number from 1 to 3, got 1000\.$"),
-        ("classify", ["IMAGE", "Infinity"], r"^k must be a whole number from 1 to 3, got 'Infinity'\.$"),
-        ("classify", ["IMAGE", float("inf")], r"^k must be a whole number from 1 to 3, got inf\.$"),
-        ("classify", ["IMAGE", float("nan")], r"^k must be a whole number from 1 to 3, got nan\.$"),
-        ("classify", ["IMAGE", 2.5], r"^k must be a whole number from 1 to 3, got 2\.5\.$"),
+        ("classify", ["IMAGE", 1000], r"^k must be a whole number from 1 to 20, got 1000\.$"),
+        ("classify", ["IMAGE", "Infinity"], r"^k must be a whole number from 1 to 20, got 'Infinity'\.$"),
+        ("classify", ["IMAGE", float("inf")], r"^k must be a whole number from 1 to 20, got inf\.$"),
+        ("classify", ["IMAGE", float("nan")], r"^k must be a whole number from 1 to 20, got nan\.$"),
+        ("classify", ["IMAGE", 2.5], r"^k must be a whole number from 1 to 20, got 2\.5\.$"),
         ("explain", ["IMAGE", "x" * 10_000_000, 0.5], "at most 200 are accepted"),
         ("explain", ["IMAGE", "teacup", 0.5], "unknown class 'teacup'"),
         ("explain", ["IMAGE", "", 1.5], r"^opacity must be a number from 0 to 1, got 1\.5\.$"),
