@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
+from demo.admission import install_admission
 from demo.model_picker import ModelView
 from demo.service import InferenceService
 from demo.training_jobs import TrainingManager
@@ -69,7 +70,9 @@ def build_app(
                 with gr.Tab(title):
                     build_vision(vision)
         model_picker.connect(demo, service, model_menu, views)
-    return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    install_admission(demo)  # per-session and per-endpoint caps, bad input refused before it takes a slot
+    return demo
 
 
 def launch(

@@ -55,7 +55,15 @@ def build(vision: VisionService) -> None:
             download = gr.File(label="Detections as JSON", interactive=False, elem_id="detect-json")
     result = gr.State(time_to_live=RESULT_TTL_S)
     outputs = [annotated, table, download, result]
-    button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)
+    button.click(
+        partial(detect, vision),
+        [image, threshold],
+        outputs,
+        api_name="detect",
+        preprocess=False,
+        concurrency_limit=1,  # one detection at a time; demo/admission.py caps how many wait
+        concurrency_id="detect",
+    )
     threshold.release(
         rethreshold, [result, threshold], outputs, api_name="detect_threshold", api_visibility="private"
     )
