@@ -18,6 +18,7 @@ import gradio as gr
 
 from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
 from demo.admission import install_admission
+from demo.disk_limits import start_sweeper
 from demo.model_picker import ModelView
 from demo.service import InferenceService
 from demo.training_jobs import TrainingManager
@@ -94,6 +95,7 @@ def launch(
         max_file_size=max_file_size,
         theme=THEME,
     )
+    start_sweeper(demo)  # uploads and outputs pruned to a size limit (delete_cache above goes by age only)
 
 
 def get_parser() -> argparse.ArgumentParser:

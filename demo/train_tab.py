@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
-import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,6 +27,7 @@ from demo.ui import user_errors
 from demo.uploads import ImportedDataset, import_class_files, import_zip, parse_class_names
 from finetune.checkpoint import load_run
 from finetune.config import STRATEGIES
+from finetune.disk import prune_folder
 from finetune.errors import DatasetError, StudioError
 from finetune.modeling import DEFAULT_MODEL
 from finetune.reports import CURVES_PNG
@@ -390,9 +389,7 @@ def _start_polling(run_id: str) -> tuple[Any, None]:
 def _zip_for_download(manager: TrainingManager, run_id: str) -> str:
     """Zip the run where Gradio may serve it from (the temp folder), deleting zips older than an hour."""
     DOWNLOAD_ROOT.mkdir(parents=True, exist_ok=True)
-    for old in DOWNLOAD_ROOT.iterdir():
-        if time.time() - old.stat().st_mtime > KEEP_DOWNLOADS_S:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_folder(DOWNLOAD_ROOT, max_age_s=KEEP_DOWNLOADS_S)  # demo/disk_limits.py also bounds its size
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=DOWNLOAD_ROOT))
     return str(manager.zip_run(run_id, folder))
 

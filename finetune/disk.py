@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,26 +59,31 @@ def prune_folder(
     max_bytes: int | None = None,
     max_age_s: float | None = None,
     keep_newer_than_s: float = 0.0,
+    max_entries: int | None = None,
+    protected: Collection[Path] = (),
 ) -> PruneReport:
-    """Delete `folder`'s oldest entries until it holds at most `max_bytes` (and none older than `max_age_s`).
+    """Delete `folder`'s oldest entries until it holds at most `max_bytes` and `max_entries` entries, and
+    none older than `max_age_s`; `protected` entries (paths of direct children) always stay.
 
     A folder that does not exist is empty. Entries that vanish or cannot be deleted meanwhile (another
     process pruned them, a file still open on some systems) are skipped, never an error: pruning is
     housekeeping and must not fail the request that triggered it.
     """
     report = PruneReport()
+    keep = {Path(path) for path in protected}
     entries = sorted(_entries(Path(folder)), key=lambda entry: entry.mtime)
     total = report.bytes_before = sum(entry.size for entry in entries)
-    now = time.time()
+    count, now = len(entries), time.time()
     for entry in entries:
         is_expired = max_age_s is not None and now - entry.mtime > max_age_s
-        is_over = max_bytes is not None and total > max_bytes
-        if not (is_expired or is_over):
-            continue
-        if now - entry.mtime < keep_newer_than_s:
+        is_over = (max_bytes is not None and total > max_bytes) or (
+            max_entries is not None and count > max_entries
+        )
+        if not (is_expired or is_over) or entry.path in keep or now - entry.mtime < keep_newer_than_s:
             continue
         if _remove(entry.path):
             total -= entry.size
+            count -= 1
             report.removed.append(entry.path)
     report.bytes_after = total
     if report.removed:
