@@ -6,16 +6,23 @@ $STUDIO_UPLOAD_CACHE_GB and each output folder (Batch CSVs, detection JSONs, run
 $STUDIO_OUTPUTS_GB, oldest entries first, through the one helper `finetune.disk.prune_folder`. Entries
 younger than `IN_USE_S` stay (a queued request may still read its upload), and so do Gradio's cached
 example files, which the page shows for as long as the app runs.
+
+The Hugging Face Hub cache (`hf-hub:` runs, pretrained weights the Train tab downloads) is pruned too, whole
+repositories, least recently downloaded first, but only when $STUDIO_HUB_CACHE_GB is set or the app runs on a
+Space: on a workstation that cache is shared with every other program, so it is not ours to empty. A
+served model is already in memory; pruning its files only means a download at the next start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
+from huggingface_hub import constants
 
 from demo import batch_tab, detect_tab, train_tab
 from finetune.disk import limit_from_env, prune_folder
@@ -24,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 UPLOADS_ENV, UPLOADS_GB = "STUDIO_UPLOAD_CACHE_GB", 4.0  # Gradio's copies of uploads and of our outputs
 OUTPUTS_ENV, OUTPUTS_GB = "STUDIO_OUTPUTS_GB", 1.0  # each of the app's own output folders
+HUB_ENV, HUB_GB = "STUDIO_HUB_CACHE_GB", 20.0  # the Hub cache, when pruned at all (see above)
 SWEEP_INTERVAL_S = 30.0
 IN_USE_S = 120.0  # entries younger than this may belong to a request still waiting in the queue
 
@@ -44,6 +52,12 @@ def sweep(demo: gr.Blocks) -> None:
     outputs_limit = limit_from_env(OUTPUTS_ENV, OUTPUTS_GB)
     for folder in output_folders():
         prune_folder(folder, max_bytes=outputs_limit, keep_newer_than_s=IN_USE_S)
+    if os.environ.get(HUB_ENV) or os.environ.get("SPACE_ID"):
+        hub = Path(constants.HF_HUB_CACHE)
+        others = [path for path in _children(hub) if not path.name.startswith(("models--", "datasets--"))]
+        prune_folder(
+            hub, max_bytes=limit_from_env(HUB_ENV, HUB_GB), keep_newer_than_s=IN_USE_S, protected=others
+        )
 
 
 def start_sweeper(demo: gr.Blocks, interval_s: float = SWEEP_INTERVAL_S) -> threading.Thread:
@@ -62,6 +76,13 @@ def start_sweeper(demo: gr.Blocks, interval_s: float = SWEEP_INTERVAL_S) -> thre
     thread = threading.Thread(target=run, name="disk-sweeper", daemon=True)
     thread.start()
     return thread
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _example_entries(demo: gr.Blocks) -> set[Path]:

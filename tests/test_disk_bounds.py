@@ -192,7 +192,7 @@ def test_batch_decodes_a_file_listed_sixteen_times_once(served: tuple[str, Any],
     assert len({tuple(row[1:]) for row in rows}) == 1  # the same answer for every copy
 
 
-def test_sweep_bounds_the_upload_cache_and_the_outputs_oldest_first(
+def test_sweep_bounds_uploads_outputs_and_the_hub_cache_oldest_first(
     served: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, demo = served
@@ -217,10 +217,20 @@ def test_sweep_bounds_the_upload_cache_and_the_outputs_oldest_first(
         for age in (3000, 2000, 1000):
             write_entry(folder, f"out-{age}", 200 * KB, age, is_dir=True)
 
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    repos = [write_entry(hub, f"models--u--{age}", 200 * KB, age, is_dir=True) for age in (3000, 2000, 1000)]
+    locks = write_entry(hub, ".locks", 10 * KB, 9000, is_dir=True)
+
     others = folder_bytes(cache) - sum(folder_bytes(entry) for entry in uploaded)
     monkeypatch.setenv("STUDIO_UPLOAD_CACHE_GB", str((others + 700 * KB) / 1024**3))
     monkeypatch.setenv("STUDIO_OUTPUTS_GB", str(500 * KB / 1024**3))
+    monkeypatch.delenv("SPACE_ID", raising=False)
     disk_limits.sweep(demo)
+    assert all(repo.exists() for repo in repos)  # a workstation's Hub cache is not ours unless told
+    monkeypatch.setenv("STUDIO_HUB_CACHE_GB", str(500 * KB / 1024**3))
+    disk_limits.sweep(demo)
+    assert [repo.exists() for repo in repos] == [False, True, True] and locks.exists()
 
     assert [entry.exists() for entry in uploaded] == [False, False, True, True]  # oldest first
     assert all(entry.exists() for entry in examples)
