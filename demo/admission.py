@@ -15,8 +15,9 @@ is queued, each refusal a clear message the browser shows under the input and `g
 Hook: `install_admission` wraps the blocks' `Queue.push`. Both ways into the queue, `POST
 /gradio_api/queue/join` and the `/call/<api_name>` routes, go through `push`, which receives the parsed
 body with `fn_index` resolved, the session hash and the inputs; the queue's own state tells what a session has
-queued or running, so no second count can drift from Gradio's. An ASGI middleware on the join route would
-miss `/call/`, re-parse the body, and still need the queue's state. Refusals use `push`'s own
+queued or running (plus the joins still inside `push`), so no second count can drift from Gradio's. An ASGI
+middleware on the join route would miss `/call/`, re-parse the body, and still need the queue's state (and
+Starlette refuses middleware added after start-up). Refusals use `push`'s own
 "validator_error" result, the path Gradio takes for an event's `validator`, so both clients show the message.
 Counted per session hash, which the client chooses: a client rotating hashes escapes rule 1, but rule 2
 and the global queue size still bound what it can hold.
@@ -25,6 +26,8 @@ and the global queue size still bound what it can hold.
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -34,11 +37,13 @@ import gradio as gr
 from gradio import queueing
 
 from demo.service import MAX_BATCH_FILES
+from finetune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 10_000  # a text input longer than this is not a class name or a number typed in the UI
 MAX_INLINE_IMAGE_CHARS = 28 * 1024 * 1024  # base64 of a 20 MB image (app.py MAX_FILE_SIZE)
+SESSION_ENV = "STUDIO_SESSION_REQUESTS"
 IMAGE_ENDPOINTS = frozenset({"classify", "explain", "detect", "segment"})  # their first input is the image
 
 
@@ -52,14 +57,26 @@ class AdmissionLimits:
     )
     exempt: frozenset[str] = frozenset({"cancel_training"})  # must get through even with a full session
 
+    @classmethod
+    def from_env(cls) -> AdmissionLimits:
+        """The defaults, with $STUDIO_SESSION_REQUESTS (requests per session) when the operator sets it."""
+        text = os.environ.get(SESSION_ENV, "").strip()
+        if not text:
+            return cls()
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"{SESSION_ENV}={text!r} must be a whole number of requests, at least 1.")
+        return cls(per_session=int(text))
+
 
 class Admission:
     """Decides whether a request may join the queue; `install` puts it in front of the queue of `blocks`."""
 
     def __init__(self, blocks: gr.Blocks, limits: AdmissionLimits | None = None) -> None:
         self.blocks = blocks
-        self.limits = limits or AdmissionLimits()
-        self.refused: dict[str, int] = {}  # reason -> count, for the log and tests
+        self.limits = limits or AdmissionLimits.from_env()
+        # Requests admitted whose `push` has not returned yet, by ("session", hash) and ("api", name): counted
+        # with the queue's own, so concurrent joins cannot all slip in before the first lands in the queue.
+        self._joining: Counter[tuple[str, str]] = Counter()
 
     def install(self) -> None:
         """Wrap the blocks' queue (call after `blocks.queue(...)`, which creates a new queue)."""
@@ -71,7 +88,15 @@ class Admission:
             refusal = self.check(body)
             if refusal is not None:
                 return False, refusal, "validator_error"
-            return await push(body, request, username)
+            keys = self._keys(body)
+            self._joining.update(keys)
+            try:
+                return await push(body, request, username)
+            finally:
+                self._joining.subtract(keys)
+                for key in keys:
+                    if self._joining[key] <= 0:
+                        del self._joining[key]  # one entry per session would otherwise stay forever
 
         queue.push = admitted_push  # type: ignore[method-assign]
 
@@ -84,8 +109,6 @@ class Admission:
         index, message = self._refusal(fn, body.session_hash, data)
         if message is None:
             return None
-        reason = message.split(";")[0]
-        self.refused[reason] = self.refused.get(reason, 0) + 1
         logger.info("Refused %s from session %s: %s", fn.api_name, str(body.session_hash)[:8], message)
         results = [gr.validate(True, "") for _ in fn.inputs] or [gr.validate(True, "")]
         results[min(index, len(results) - 1)] = gr.validate(False, message)
@@ -104,7 +127,9 @@ class Admission:
             return 0, None
         queue = self.blocks._queue
         if session_hash is not None:
-            held = sum(1 for event in _queued_or_running(queue) if event.session_hash == session_hash)
+            held = self._joining[("session", session_hash)] + sum(
+                1 for event in _queued_or_running(queue) if event.session_hash == session_hash
+            )
             if held >= self.limits.per_session:
                 return 0, (
                     f"you already have {held} requests waiting or running; wait for them to finish "
@@ -112,7 +137,9 @@ class Admission:
                 )
         cap = self.limits.waiting.get(api_name)
         if cap is not None:
-            waiting = sum(1 for event in _waiting(queue) if event.fn.api_name == api_name)
+            waiting = self._joining[("api", api_name)] + sum(
+                1 for event in _waiting(queue) if event.fn.api_name == api_name
+            )
             if waiting >= cap:
                 return 0, (
                     f"{waiting} {api_name} requests are already waiting, the most this server queues; "
@@ -120,9 +147,14 @@ class Admission:
                 )
         return 0, None
 
+    def _keys(self, body: Any) -> list[tuple[str, str]]:
+        fn = self.blocks.fns.get(body.fn_index)
+        keys = [("api", fn.api_name)] if fn is not None and fn.api_name else []
+        return keys + ([("session", body.session_hash)] if body.session_hash is not None else [])
+
 
 def install_admission(blocks: gr.Blocks, limits: AdmissionLimits | None = None) -> Admission:
-    """Put admission control in front of `blocks`' queue; returns it (its `refused` counts, its limits)."""
+    """Put admission control in front of `blocks`' queue (limits from the environment unless given)."""
     admission = Admission(blocks, limits)
     admission.install()
     return admission

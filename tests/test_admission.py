@@ -8,6 +8,7 @@ the second visitor's classify is refused with "Queue is full".
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
@@ -77,6 +78,22 @@ def join(url: str, index: int, data: list[Any], session_hash: str) -> httpx.Resp
     return httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30)
 
 
+def join_at_once(url: str, index: int, data: list[Any], session_hashes: list[str]) -> list[httpx.Response]:
+    """The same joins sent concurrently, one per session hash, as an async flooder would."""
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [
+                {"data": data, "fn_index": index, "session_hash": h, "event_data": None}
+                for h in session_hashes
+            ]
+            return list(
+                await asyncio.gather(*(client.post(f"{url}gradio_api/queue/join", json=b) for b in bodies))
+            )
+
+    return asyncio.run(flood())
+
+
 def refusal(response: httpx.Response) -> str:
     assert response.status_code == 422, response.text
     return " ".join(item["message"] for item in response.json()["detail"] if item.get("is_valid") is False)
@@ -86,17 +103,19 @@ def test_a_flood_from_one_client_leaves_classify_to_everyone_else(url: str) -> N
     explain = fn_index(url, "explain")
     image = upload(url, EXAMPLES / "chelsea.jpg")
     flooder = Client(url, verbose=False)
-    answers = [join(url, explain, [image, "", 0.5], flooder.session_hash) for _ in range(60)]
+    answers = join_at_once(url, explain, [image, "", 0.5], [flooder.session_hash] * 60)
     admitted = [response for response in answers if response.status_code == 200]
     assert len(admitted) == LIMITS.per_session  # 1 running + 3 waiting; the other 56 took no slot
-    assert "you already have 4 requests waiting or running" in refusal(answers[-1])
+    refused = [response for response in answers if response.status_code != 200]
+    assert all("you already have 4 requests waiting or running" in refusal(item) for item in refused)
     with pytest.raises(ValidationError, match="you already have 4 requests .* wait for them to finish"):
         flooder.predict(handle_file(EXAMPLES / "coffee.jpg"), 2, api_name="/classify")
 
     # The same flood with a new session hash per request: the explain waiting cap holds it.
-    rotated = [join(url, explain, [image, "", 0.5], uuid.uuid4().hex) for _ in range(70)]
+    rotated = join_at_once(url, explain, [image, "", 0.5], [uuid.uuid4().hex for _ in range(70)])
     assert sum(response.status_code == 200 for response in rotated) <= LIMITS.waiting["explain"]
-    assert "explain requests are already waiting" in refusal(rotated[-1])
+    refused = [response for response in rotated if response.status_code != 200]
+    assert refused and all("explain requests are already waiting" in refusal(item) for item in refused)
     assert len(answers) + len(rotated) > app.QUEUE_MAX_SIZE  # enough to fill the queue without the caps
 
     visitor = Client(url, verbose=False)
