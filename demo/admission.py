@@ -166,11 +166,14 @@ def check_inputs(api_name: str, data: list[Any]) -> tuple[int, str | None]:
     Only shapes and sizes: whether an upload is really Gradio's, or a decodable image, is for the handler.
     """
     for index, value in enumerate(data):
-        if any(len(text) > _text_limit(text) for text in _strings(value)):
-            return index, (
-                f"input {index + 1} holds more than {MAX_TEXT_CHARS:,} characters; "
-                "send files as uploads and keep text fields short."
-            )
+        for text in _strings(value):
+            if text.startswith("data:") and len(text) > MAX_INLINE_IMAGE_CHARS:
+                return index, "the inline image is larger than an upload may be (20 MB); send a smaller one."
+            if not text.startswith("data:") and len(text) > MAX_TEXT_CHARS:
+                return index, (
+                    f"input {index + 1} holds more than {MAX_TEXT_CHARS:,} characters; "
+                    "send files as uploads and keep text fields short."
+                )
     if api_name in IMAGE_ENDPOINTS and data:
         image = data[0]
         if image is None or image == "" or image == {}:
@@ -186,10 +189,6 @@ def check_inputs(api_name: str, data: list[Any]) -> tuple[int, str | None]:
         if len(files) > MAX_BATCH_FILES:
             return 0, f"{len(files)} files in one batch; send at most {MAX_BATCH_FILES} at a time."
     return 0, None
-
-
-def _text_limit(text: str) -> int:
-    return MAX_INLINE_IMAGE_CHARS if text.startswith("data:") else MAX_TEXT_CHARS
 
 
 def _strings(value: Any, depth: int = 0) -> Iterable[str]:

@@ -9,7 +9,8 @@ The export uses PyTorch's `torch.export`-based ONNX exporter (`dynamo=True`; the
 deprecated) with ONNX-level optimisation, so the graph is plain Conv/Gemm nodes that ONNX Runtime fuses well;
 the same weights always give the same bytes. Each file carries a fingerprint of the weights and input size in
 its metadata, so `create_classifier(run, "auto")` serves an export only while it still matches the run, and
-exports once more (into the run folder, or a cache folder when that is read-only) when it does not.
+exports once more (into the run folder, or a cache folder when that is read-only or came from the Hub)
+when it does not.
 """
 
 from __future__ import annotations

@@ -145,3 +145,18 @@ def test_obviously_bad_input_is_refused_before_the_queue(
 def test_a_request_with_the_wrong_number_of_inputs_takes_no_slot(url: str) -> None:
     response = join(url, fn_index(url, "classify"), [None], uuid.uuid4().hex)
     assert "needs 2 inputs, got 1" in refusal(response)
+
+
+def test_an_inline_image_may_be_long_but_no_larger_than_an_upload() -> None:
+    header = "data:image/png;base64,"
+    assert check_inputs("classify", [header + "A" * 50_000, 5]) == (0, None)
+    index, message = check_inputs("explain", [None, "cat", header + "A" * (29 * 2**20)])
+    assert index == 2 and "larger than an upload may be" in (message or "")
+
+
+def test_the_per_session_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STUDIO_SESSION_REQUESTS", "9")
+    assert AdmissionLimits.from_env().per_session == 9
+    monkeypatch.setenv("STUDIO_SESSION_REQUESTS", "many")
+    with pytest.raises(ConfigError, match="STUDIO_SESSION_REQUESTS='many' must be a whole number"):
+        AdmissionLimits.from_env()
