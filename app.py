@@ -19,6 +19,8 @@ from pathlib import Path
 import gradio as gr
 
 from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
+from demo.admission import install_admission
+from demo.disk_limits import start_sweeper
 from demo.model_picker import ModelView
 from demo.service import InferenceService
 from demo.training_jobs import PUBLIC_MAX_QUEUED, TrainingManager, TrainLimits
@@ -72,7 +74,9 @@ def build_app(
                 with gr.Tab(title):
                     build_vision(vision)
         model_picker.connect(demo, service, model_menu, model_state, views)
-    return demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    install_admission(demo)  # per-session and per-endpoint caps, bad input refused before it takes a slot
+    return demo
 
 
 def launch(
@@ -94,6 +98,7 @@ def launch(
         max_file_size=max_file_size,
         theme=THEME,
     )
+    start_sweeper(demo)  # uploads and outputs pruned to a size limit (delete_cache above goes by age only)
 
 
 def get_parser() -> argparse.ArgumentParser:

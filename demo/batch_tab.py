@@ -6,9 +6,7 @@ row that says why, never a silent skip and never a failed request.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pandas as pd
 
 from demo.service import BatchRow, InferenceService
 from demo.ui import public_message, uploaded_paths, user_errors
+from finetune.disk import prune_folder
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
 TOP_K = 5
@@ -45,9 +44,7 @@ def to_table(rows: list[BatchRow]) -> pd.DataFrame:
 def write_csv(table: pd.DataFrame) -> str:
     """Write `predictions.csv` in a fresh folder (a readable download name), pruning old folders."""
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    for old in OUTPUT_ROOT.iterdir():
-        if time.time() - old.stat().st_mtime > KEEP_OUTPUTS_S:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_folder(OUTPUT_ROOT, max_age_s=KEEP_OUTPUTS_S)  # demo/disk_limits.py also bounds its size
     path = Path(tempfile.mkdtemp(prefix="batch-", dir=OUTPUT_ROOT)) / "predictions.csv"
     table.to_csv(path, index=False)
     return str(path)

@@ -22,6 +22,7 @@ from PIL import Image
 from demo.ui import check_number, image_source, public_message, user_errors
 from demo.vision_tasks import DetectionResult, VisionService, WeightsStatus
 from finetune.checkpoint import write_json
+from finetune.disk import prune_folder
 from finetune.images import ImageSource
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ DEFAULT_THRESHOLD = 0.5
 RESULT_TTL_S = 900  # the last result (the input and every candidate box) is freed 15 minutes after its run
 TABLE_HEADERS = ["label", "score", "x0", "y0", "x1", "y1"]
 MAX_DOWNLOADS = 200  # JSON files kept in the temporary folder; older ones are deleted
-_DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "studio-detections"
 
 
 def build(vision: VisionService) -> None:
@@ -58,7 +59,15 @@ def build(vision: VisionService) -> None:
             download = gr.File(label="Detections as JSON", interactive=False, elem_id="detect-json")
     result = gr.State(time_to_live=RESULT_TTL_S)
     outputs = [annotated, table, download, result]
-    button.click(partial(detect, vision), [image, threshold], outputs, api_name="detect", preprocess=False)
+    button.click(
+        partial(detect, vision),
+        [image, threshold],
+        outputs,
+        api_name="detect",
+        preprocess=False,
+        concurrency_limit=1,  # one detection at a time; demo/admission.py caps how many wait
+        concurrency_id="detect",
+    )
     threshold.release(
         rethreshold, [result, threshold], outputs, api_name="detect_threshold", api_visibility="private"
     )
@@ -103,26 +112,12 @@ def write_download(result: DetectionResult) -> str:
     """The result as a JSON file, named by its content so repeated clicks reuse one file."""
     data = result.as_dict()
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-    path = _DOWNLOAD_DIR / f"detections-{digest}.json"
+    path = DOWNLOAD_DIR / f"detections-{digest}.json"
     if not path.is_file():
         write_json(path, data)
-        _prune(_DOWNLOAD_DIR, MAX_DOWNLOADS)
+        prune_folder(DOWNLOAD_DIR, max_entries=MAX_DOWNLOADS)  # a long-running Space must not fill its disk
     return str(path)
 
 
 def _outputs(result: DetectionResult) -> tuple[Image.Image, list[list[Any]], str, DetectionResult]:
     return result.image, table_rows(result), write_download(result), result
-
-
-def _prune(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` downloads, so a long-running Space does not fill its disk."""
-    files = sorted(folder.glob("detections-*.json"), key=_modified_time, reverse=True)
-    for path in files[keep:]:
-        path.unlink(missing_ok=True)
-
-
-def _modified_time(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:  # another request pruned it first
-        return 0.0

@@ -45,6 +45,8 @@ def build(vision: VisionService) -> None:
         [overlay, legend, result],
         api_name="segment",
         preprocess=False,
+        concurrency_limit=1,  # one segmentation at a time; demo/admission.py caps how many wait
+        concurrency_id="segment",
     )
     opacity.release(
         recolor, [result, opacity], [overlay], api_name="segment_opacity", api_visibility="private"

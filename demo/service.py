@@ -11,6 +11,7 @@ visitors share forward passes; Grad-CAM works on a private copy of the model und
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -233,41 +234,47 @@ class InferenceService:
     def predict_batch(
         self, files: Sequence[str | Path], k: int = 5, model: str | None = None
     ) -> list[BatchRow]:
-        """One row per file, in order: its top-k by `model` (None: the default), or why it was unreadable."""
+        """One row per file, in order: its top-k by `model` (None: the default), or why it was unreadable.
+
+        Files with the same bytes (one upload listed many times, or copies) are decoded and classified
+        once and share the answer: 16 copies of a 6000x6000 PNG cost one decode, not 16.
+        """
         if not files:
             raise ImageError("no files to classify; upload one or more images.")
         if len(files) > MAX_BATCH_FILES:
             raise ConfigError(f"{len(files)} files in one batch; send at most {MAX_BATCH_FILES} at a time.")
         model, k = self._current(model), _check_k(k)
-        rows: list[BatchRow] = []
-        for start in range(0, len(files), FILE_CHUNK):
-            chunk = [Path(file) for file in files[start : start + FILE_CHUNK]]
-            pictures: dict[int, Image.Image] = {}
-            errors: dict[int, str] = {}
-            for index, path in enumerate(chunk):
+        paths = [Path(file) for file in files]
+        keys = [_content_key(path) for path in paths]
+        first: dict[str, Path] = {}
+        for key, path in zip(keys, paths, strict=True):
+            first.setdefault(key, path)
+        unique = list(first)
+        results: dict[str, Prediction | str] = {}  # a prediction, or the reason the file is unusable
+        for start in range(0, len(unique), FILE_CHUNK):
+            pictures: dict[str, Image.Image] = {}
+            for key in unique[start : start + FILE_CHUNK]:
                 try:
-                    pictures[index] = self._open(model, path, path.name)
+                    pictures[key] = self._open(model, first[key], first[key].name)
                 except ImageError as error:
-                    errors[index] = str(error)
-            probs = model.classifier.predict_probs(list(pictures.values()))
-            predictions = (
-                dict(zip(pictures, top_k(probs, model.run.labels, k), strict=True)) if pictures else {}
-            )
-            for index, path in enumerate(chunk):
-                if index in errors:
-                    rows.append(BatchRow(file=path.name, error=errors[index]))
-                    continue
-                prediction = predictions[index]
-                rows.append(
-                    BatchRow(
-                        file=path.name,
-                        top1=prediction.label,
-                        confidence=round(prediction.prob, 4),
-                        top_k=", ".join(
-                            f"{label} ({prob:.1%})" for label, prob in prediction.as_dict().items()
-                        ),
-                    )
+                    results[key] = str(error)
+            if pictures:
+                probs = model.classifier.predict_probs(list(pictures.values()))
+                results.update(zip(pictures, top_k(probs, model.run.labels, k), strict=True))
+        rows = []
+        for key, path in zip(keys, paths, strict=True):
+            result = results[key]
+            if isinstance(result, str):
+                rows.append(BatchRow(file=path.name, error=result.replace(first[key].name, path.name)))
+                continue
+            rows.append(
+                BatchRow(
+                    file=path.name,
+                    top1=result.label,
+                    confidence=round(result.prob, 4),
+                    top_k=", ".join(f"{label} ({prob:.1%})" for label, prob in result.as_dict().items()),
                 )
+            )
         return rows
 
     def close(self) -> None:
@@ -306,6 +313,19 @@ class InferenceService:
                 f"use an image at least {MIN_IMAGE_SIDE} pixels on each side."
             )
         return picture
+
+
+def _content_key(path: Path) -> str:
+    """SHA-256 of a file's bytes, so duplicates in one batch are decoded once; its path when unreadable
+    (opening it then gives the proper message)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return f"unreadable:{path}"
+    return digest.hexdigest()
 
 
 def _check_k(k: Any) -> int:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
-import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from demo.ui import check_number, public_message, uploaded_path, uploaded_paths,
 from demo.uploads import ImportedDataset, import_class_files, import_zip, parse_class_names
 from finetune.checkpoint import load_run
 from finetune.config import STRATEGIES
+from finetune.disk import prune_folder
 from finetune.errors import DatasetError, StudioError
 from finetune.modeling import DEFAULT_MODEL
 from finetune.reports import CURVES_PNG
@@ -453,16 +452,12 @@ def _start_polling(run_id: str) -> tuple[Any, None]:
 
 def _zip_for_download(manager: TrainingManager, run_id: str) -> str:
     """The run's one zip, where Gradio may serve it from (the temp folder, one subfolder per data folder),
-    reused by every later download; zips untouched for an hour are deleted."""
+    reused by every later download; other zips untouched for an hour are deleted."""
     data_key = hashlib.sha256(str(manager.runs_dir.resolve()).encode()).hexdigest()[:16]
     folder = DOWNLOAD_ROOT / data_key
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.name != f"{run_id}.zip" and time.time() - old.stat().st_mtime > KEEP_DOWNLOADS_S:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+    # demo/disk_limits.py also bounds the whole folder's size
+    prune_folder(folder, max_age_s=KEEP_DOWNLOADS_S, protected=[folder / f"{run_id}.zip"])
     return str(manager.zip_run(run_id, folder))
 
 

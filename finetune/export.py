@@ -9,7 +9,8 @@ The export uses PyTorch's `torch.export`-based ONNX exporter (`dynamo=True`; the
 deprecated) with ONNX-level optimisation, so the graph is plain Conv/Gemm nodes that ONNX Runtime fuses well;
 the same weights always give the same bytes. Each file carries a fingerprint of the weights and input size in
 its metadata, so `create_classifier(run, "auto")` serves an export only while it still matches the run, and
-exports once more (into the run folder, or a cache folder when that is read-only) when it does not.
+exports once more (into the run folder, or a cache folder when that is read-only or came from the Hub)
+when it does not.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.checkpoint import LoadedRun, atomic_write, load_default_run, load_run, unwrap_model
+from finetune.disk import limit_from_env, prune_folder
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
 from finetune.images import is_image_file, open_image
 from finetune.inference import (
@@ -54,6 +56,8 @@ OPSET = 20  # supported by every onnxruntime >= 1.17
 PARITY_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over all classes and check images
 MAX_CHECK_IMAGES = 32
 CACHE_ENV = "STUDIO_CACHE_DIR"
+CACHE_LIMIT_ENV = "STUDIO_ONNX_CACHE_GB"
+CACHE_LIMIT_GB = 2.0  # the export cache keeps its most recently used exports within this size (~20 MB each)
 META_FINGERPRINT = "studio.fingerprint"
 
 
@@ -93,12 +97,30 @@ def cache_root() -> Path:
 
 
 def onnx_locations(run: LoadedRun, fingerprint: str, name: str = ONNX_FILE) -> tuple[list[Path], Path]:
-    """(places to look for a matching export named `name`, in order; the place to write a new one)."""
+    """(places to look for a matching export named `name`, in order; the place to write a new one).
+
+    A run folder's own export is used only where we would have written it ourselves (a writable folder
+    outside the Hugging Face cache). A `model.onnx` that came down with an `hf-hub:` run, or sits in a
+    read-only folder, was made by someone else: its fingerprint is a metadata string anyone can copy, and a
+    parity check on a few photos cannot rule out a graph that differs elsewhere. Such runs are exported
+    again into the cache and checked against PyTorch like any local export, so Classify serves the same
+    weights that Explain uses.
+    """
     cached = cache_root() / "onnx" / f"{run.architecture}-{fingerprint[:16]}" / name
-    if run.run_dir is None:
+    if run.run_dir is None or not _is_writable_run_dir(Path(run.run_dir)):
         return [cached], cached
-    own = Path(run.run_dir) / name
-    return [own, cached], own if _is_writable_run_dir(Path(run.run_dir)) else cached
+    return [Path(run.run_dir) / name, cached], Path(run.run_dir) / name
+
+
+def prune_export_cache() -> None:
+    """Keep the export cache within $STUDIO_ONNX_CACHE_GB (default 2), least recently used exports first.
+
+    A running server keeps its ONNX sessions in memory, so deleting a file it loaded costs only a new
+    export the next time that run starts; the export written a moment ago is always kept.
+    """
+    prune_folder(
+        cache_root() / "onnx", max_bytes=limit_from_env(CACHE_LIMIT_ENV, CACHE_LIMIT_GB), keep_newer_than_s=60
+    )
 
 
 def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = False) -> OnnxClassifier:
@@ -113,6 +135,7 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         classifier = _open_if_matching(run, path, fingerprint, batch_size, "int8" if int8 else "fp32")
         if classifier is not None:
             logger.info("Serving with ONNX Runtime from %s", path)
+            _mark_used(path)
             return classifier
     if int8:
         fp32 = load_onnx_classifier(run, batch_size)
@@ -120,6 +143,7 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         with _writable(target):
             classifier, report = export_int8(fp32, target, sample_images(), fingerprint)
         logger.info("Quantized: %s", report.summary())
+        _prune_if_cached(target)
         return classifier
     logger.info("Exporting %s to ONNX at %s (once; later starts reuse it)", run.architecture, target)
     with _writable(target):
@@ -130,7 +154,20 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         result.parity.max_prob_diff,
         result.parity.n_images,
     )
+    _prune_if_cached(target)
     return result.classifier
+
+
+def _mark_used(path: Path) -> None:
+    """Touch a cached export when it is served, so pruning removes the least recently used ones first."""
+    if path.is_relative_to(cache_root()):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def _prune_if_cached(target: Path) -> None:
+    if target.is_relative_to(cache_root()):
+        prune_export_cache()
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def download_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keep the JSON downloads of each test in its own folder."""
-    monkeypatch.setattr(detect_tab, "_DOWNLOAD_DIR", tmp_path / "downloads")
+    monkeypatch.setattr(detect_tab, "DOWNLOAD_DIR", tmp_path / "downloads")
     return tmp_path / "downloads"
 
 
