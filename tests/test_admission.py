@@ -103,7 +103,7 @@ def test_a_flood_from_one_client_leaves_classify_to_everyone_else(url: str) -> N
     explain = fn_index(url, "explain")
     image = upload(url, EXAMPLES / "chelsea.jpg")
     flooder = Client(url, verbose=False)
-    answers = join_at_once(url, explain, [image, "", 0.5], [flooder.session_hash] * 60)
+    answers = join_at_once(url, explain, [image, "", 0.5, None], [flooder.session_hash] * 60)
     admitted = [response for response in answers if response.status_code == 200]
     assert len(admitted) == LIMITS.per_session  # 1 running + 3 waiting; the other 56 took no slot
     refused = [response for response in answers if response.status_code != 200]
@@ -112,7 +112,7 @@ def test_a_flood_from_one_client_leaves_classify_to_everyone_else(url: str) -> N
         flooder.predict(handle_file(EXAMPLES / "coffee.jpg"), 2, api_name="/classify")
 
     # The same flood with a new session hash per request: the explain waiting cap holds it.
-    rotated = join_at_once(url, explain, [image, "", 0.5], [uuid.uuid4().hex for _ in range(70)])
+    rotated = join_at_once(url, explain, [image, "", 0.5, None], [uuid.uuid4().hex for _ in range(70)])
     assert sum(response.status_code == 200 for response in rotated) <= LIMITS.waiting["explain"]
     refused = [response for response in rotated if response.status_code != 200]
     assert refused and all("explain requests are already waiting" in refusal(item) for item in refused)
@@ -127,12 +127,12 @@ def test_a_flood_from_one_client_leaves_classify_to_everyone_else(url: str) -> N
 
 @pytest.mark.parametrize(
     ("api_name", "data", "message"),
-    [
-        ("classify", [None, 5], "no image"),
-        ("explain", [{"path": "x.jpg"}, "x" * 20_000, 0.5], "more than 10,000 characters"),
-        ("batch", [[{"path": f"{n}.jpg"} for n in range(201)]], "201 files in one batch"),
-        ("batch", [[]], "no files"),
-        ("classify", [[1, 2], 5], "takes an uploaded file"),
+    [  # the last value of each is the hidden per-session model choice (a gr.State input)
+        ("classify", [None, 5, None], "no image"),
+        ("explain", [{"path": "x.jpg"}, "x" * 20_000, 0.5, None], "more than 10,000 characters"),
+        ("batch", [[{"path": f"{n}.jpg"} for n in range(201)], None], "201 files in one batch"),
+        ("batch", [[], None], "no files"),
+        ("classify", [[1, 2], 5, None], "takes an uploaded file"),
     ],
 )
 def test_obviously_bad_input_is_refused_before_the_queue(
@@ -144,7 +144,7 @@ def test_obviously_bad_input_is_refused_before_the_queue(
 
 def test_a_request_with_the_wrong_number_of_inputs_takes_no_slot(url: str) -> None:
     response = join(url, fn_index(url, "classify"), [None], uuid.uuid4().hex)
-    assert "needs 2 inputs, got 1" in refusal(response)
+    assert "needs 3 inputs, got 1" in refusal(response)
 
 
 def test_an_inline_image_may_be_long_but_no_larger_than_an_upload() -> None:
