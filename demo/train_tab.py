@@ -9,7 +9,6 @@ the run ends the Model menu is refreshed and the run folder is offered as a zip.
 
 from __future__ import annotations
 
-import html
 import logging
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from finetune.config import STRATEGIES
 from finetune.errors import DatasetError, StudioError
 from finetune.modeling import DEFAULT_MODEL
 from finetune.reports import CURVES_PNG
+from finetune.safe_text import escape_html, escape_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def train(
             shown = _milestone(status)
             yield run_id, _live(status)
     if status.state == FAILED:
-        raise gr.Error(status.error, print_exception=False)
+        raise gr.Error(escape_html(status.error, quote=False), print_exception=False)  # shown as HTML
     yield run_id, final_metrics(status, dataset)
 
 
@@ -172,7 +172,7 @@ def render_progress(status: JobStatus) -> str:
         f'<div class="train-progress" data-state="{status.state}" data-progress="{percent}">'
         f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
         f'<div style="width:{percent}%;height:14px;background:#6366f1;transition:width 0.5s"></div></div>'
-        f"<p><b>{html.escape(' · '.join(parts))}</b><br>{html.escape(detail)}</p></div>"
+        f"<p><b>{escape_html(' · '.join(parts))}</b><br>{escape_html(detail)}</p></div>"
     )
 
 
@@ -224,16 +224,16 @@ def finish(
 def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
     """What happened, the validation score and how to use the model."""
     if not status.has_model:
-        return f"**{status.state.capitalize()}.** {status.error or status.message}"
+        return f"**{status.state.capitalize()}.** {escape_markdown(status.error or status.message)}"
     score = status.metrics.get("val_top1")
     lines = [
-        f"**{status.message}.** Validation top-1 of the kept model: **{score:.1%}** "
+        f"**{escape_markdown(status.message)}.** Validation top-1 of the kept model: **{score:.1%}** "
         f"(epoch {status.metrics.get('best_epoch')}, {status.metrics.get('strategy_used')}).",
         f"The model **{status.run_id}** is now in the **Model** menu above: pick it there to use it in "
         "Classify, Explain and Batch. Download the run folder below.",
     ]
     if metrics.get("dataset"):
-        lines.append(str(metrics["dataset"]))
+        lines.append(escape_markdown(metrics["dataset"]))  # class and file names from the upload
     return "  \n".join(lines)
 
 

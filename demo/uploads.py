@@ -40,7 +40,7 @@ VERIFY_DRAFT = (64, 64)  # JPEGs are verified by a reduced-size decode: the whol
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # metadata that zip tools on macOS/Windows add
 _DRIVE = re.compile(r"^[A-Za-z]:")
 HEADER_BYTES = 256 * 1024  # read from each entry to learn its size; JPEG EXIF may take the first 64 kB
-HEADER_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # the formats finetune.images opens
+HEADER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # finetune.images opens (JPEG covers MPO)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ tracking image or a blank page. Gradio's sanitizer only removes scripts, so esca
 one place, for the three places such text lands:
 
 - `escape_markdown` for Markdown (gr.Markdown, the Hub model card): HTML's special characters become
-  entities and every other ASCII punctuation character gets CommonMark's backslash escape, so no emphasis,
-  link, image, table pipe, heading, LaTeX `$` or autolink (`http\\://`, `www\\.`) can start inside a name.
+  entities and Markdown's syntax characters get CommonMark's backslash escape, so no emphasis, link, image,
+  table pipe, heading, LaTeX `$` or autolink (`http\\://`, `a\\@b`, `www\\.`) can start inside a name; the
+  rest (`/ . , ; ?`) stays as typed so the Markdown source still reads well.
 - `escape_html` for HTML (gr.HTML, and the error modal, which Gradio renders as sanitized HTML).
 - `markdown_code` for an inline code span (the content of a code span is shown literally; only the
   backtick and a table's pipe need care).
@@ -26,8 +27,11 @@ from typing import Any
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may read as the start of a formula
 _ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}
-_ASCII_PUNCTUATION = "!#$%()*+,-./:;=?@[\\]^_`{|}~"  # CommonMark lets a backslash escape each of these
-_MARKDOWN = {char: "\\" + char for char in _ASCII_PUNCTUATION} | _ENTITIES
+# Markdown syntax a name could start: emphasis, code, links and images, tables, headings and lists, LaTeX
+# (`$`), and autolinks (`http:`, `user@host`); CommonMark lets a backslash escape any ASCII punctuation.
+_MARKDOWN_SYNTAX = "\\`*_{}[]()#+-=!|~$:@"
+_MARKDOWN = {char: "\\" + char for char in _MARKDOWN_SYNTAX} | _ENTITIES
+_WWW = re.compile(r"(?i)\b(www)\.")  # GFM links a bare "www.host" too
 _SPACES = re.compile(r"\s+")
 _PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -44,7 +48,8 @@ def plain_line(text: Any, max_chars: int | None = None) -> str:
 
 def escape_markdown(text: Any, max_chars: int | None = None) -> str:
     """`text` as literal characters in Markdown: no formatting, link, image, HTML, table cell or newline."""
-    return "".join(_MARKDOWN.get(char, char) for char in plain_line(text, max_chars))
+    escaped = "".join(_MARKDOWN.get(char, char) for char in plain_line(text, max_chars))
+    return _WWW.sub(r"\1\\.", escaped)
 
 
 def escape_html(text: Any, *, quote: bool = True) -> str:
