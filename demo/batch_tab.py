@@ -17,6 +17,7 @@ import pandas as pd
 
 from demo.service import BatchRow, InferenceService
 from demo.ui import user_errors
+from finetune.safe_text import csv_safe_cell
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
 TOP_K = 5
@@ -46,7 +47,8 @@ def write_csv(table: pd.DataFrame) -> str:
         if time.time() - old.stat().st_mtime > KEEP_OUTPUTS_S:
             shutil.rmtree(old, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix="batch-", dir=OUTPUT_ROOT)) / "predictions.csv"
-    table.to_csv(path, index=False)
+    safe = table.apply(lambda column: column.map(csv_safe_cell))  # "=HYPERLINK(...)" names stay text
+    safe.to_csv(path, index=False)
     return str(path)
 
 
