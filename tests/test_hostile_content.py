@@ -323,3 +323,73 @@ def test_decoded_size_cap_refuses_before_writing(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="decode to more than"):
         import_zip(zip_path, tmp_path / "datasets", UploadLimits(max_decoded_bytes=100 * 1024**2))
     assert not list((tmp_path / "datasets").glob("*"))
+
+
+PAGE_CHECKS = """() => ({
+    links: document.querySelectorAll('a[href*="127.0.0.1:9"]').length,
+    forms: document.querySelectorAll('form[action*="127.0.0.1:9"], input[name=hf_token]').length,
+    buttons: [...document.querySelectorAll('button')].filter(b => b.textContent.trim() === 'Verify').length,
+    images: [...document.querySelectorAll('img')].filter(i => (i.getAttribute('src') || '').includes(':9')).length,
+    styles: [...document.querySelectorAll('style')].filter(s => s.textContent.includes('display:none}')).length,
+    hidden: getComputedStyle(document.body).display === 'none',
+})"""
+
+
+@pytest.mark.browser
+def test_in_chromium_no_element_is_made_from_a_name(served: tuple[str, Path], tmp_path: Path) -> None:
+    """Classify card, Batch table, Explain caption and the Train error modal, in a real page."""
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, _missing
+
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    if not CHROMIUM.exists():
+        _missing(f"chromium is not at {CHROMIUM}")
+    image = photo_file(tmp_path, "=1+1.png")
+    bad_name = "<img src=http:&#x2F;&#x2F;127.0.0.1:9&#x2F;z.png>"  # no '/', so it stays one folder name
+    zip_path = zip_of(
+        tmp_path / "bad.zip", {f"{n}/{i}.jpg": jpeg_bytes() for n in (bad_name, "dog") for i in (1, 2)}
+    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            expect.set_options(timeout=60_000)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            trapped: list[str] = []
+            page.on("request", lambda request: trapped.append(request.url) if TRAP in request.url else None)
+            page.goto(served[0])
+            card = page.locator("#classify-model-card")
+            for label in (LINK, FORM, IMG, STYLE, MD_IMAGE):
+                expect(card).to_contain_text(label)  # the characters, as typed
+
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files(image)
+            page.locator("#batch-button").click()
+            row = page.locator("#batch-table").get_by_role("row").nth(1)
+            expect(row).to_contain_text(FORMULA)
+            expect(row).to_contain_text(LINK)
+            expect(row).to_contain_text("=1+1.png")
+
+            page.get_by_role("tab", name="Explain").click()
+            page.locator("#explain-image input[type=file]").set_input_files(image)
+            page.locator("#explain-button").click()
+            caption = page.locator("#explain-caption")
+            expect(caption).to_contain_text(FORM)
+            expect(caption).to_contain_text(IMG)
+
+            page.get_by_role("tab", name="Train").click()
+            page.locator("#train-zip input[type=file]").set_input_files(zip_path)
+            expect(page.locator("#train-zip")).to_contain_text("bad.zip")
+            page.locator("#train-start").click()
+            toast = page.locator(".toast-body")
+            expect(toast).to_contain_text("is refused")
+            expect(toast).to_contain_text("<img src=http:")
+
+            found = page.evaluate(PAGE_CHECKS)
+            page.get_by_role("tab", name="Classify").click()
+            expect(card).to_be_visible()  # a <style> name did not blank the page
+        finally:
+            browser.close()
+    assert found == {"links": 0, "forms": 0, "buttons": 0, "images": 0, "styles": 0, "hidden": False}
+    assert trapped == []
