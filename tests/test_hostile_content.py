@@ -329,8 +329,10 @@ PAGE_CHECKS = """() => ({
     links: document.querySelectorAll('a[href*="127.0.0.1:9"]').length,
     forms: document.querySelectorAll('form[action*="127.0.0.1:9"], input[name=hf_token]').length,
     buttons: [...document.querySelectorAll('button')].filter(b => b.textContent.trim() === 'Verify').length,
-    images: [...document.querySelectorAll('img')].filter(i => (i.getAttribute('src') || '').includes(':9')).length,
-    styles: [...document.querySelectorAll('style')].filter(s => s.textContent.includes('display:none}')).length,
+    images: [...document.querySelectorAll('img')]
+        .filter(i => (i.getAttribute('src') || '').includes(':9')).length,
+    styles: [...document.querySelectorAll('style')]
+        .filter(s => s.textContent.includes('display:none}')).length,
     hidden: getComputedStyle(document.body).display === 'none',
 })"""
 
