@@ -54,7 +54,7 @@ def model_card(info: ModelInfo) -> str:
     source = "this package (no run folder)" if info.source == "embedded" else escape_markdown(info.source)
     lines = [
         f"**Model:** {escape_markdown(info.name)}",
-        f"**Architecture:** {markdown_code(info.architecture)}, runtime: {escape_markdown(info.runtime)}",
+        f"**Architecture:** {markdown_code(info.architecture)}, runtime: {info.runtime}",
         f"**Classes ({len(info.labels)}):** {shown}",
         f"**Weights:** {markdown_code(info.weights_source)}",
         f"**Loaded from:** {source}",
