@@ -35,8 +35,8 @@ from demo.train_tab import serve_trained_runs
 from demo.training_jobs import TrainingManager
 from demo.uploads import UploadLimits, import_zip
 from finetune.__main__ import main as train_main
-from finetune.checkpoint import save_run
-from finetune.class_names import check_class_names
+from finetune.checkpoint import load_run, save_run
+from finetune.class_names import check_class_names, class_name_problem
 from finetune.errors import DatasetError
 from finetune.model_card import render_model_card
 from finetune.modeling import create_model_and_transforms
@@ -395,3 +395,9 @@ def test_in_chromium_no_element_is_made_from_a_name(served: tuple[str, Path], tm
             browser.close()
     assert found == {"links": 0, "forms": 0, "buttons": 0, "images": 0, "styles": 0, "hidden": False}
     assert trapped == []
+
+
+def test_runs_with_names_the_validator_refuses_still_load(hostile_run: Path) -> None:
+    """Only new datasets are checked: a run trained before the rules keeps loading and serving."""
+    assert all(class_name_problem(label) for label in LABELS)
+    assert load_run(hostile_run).labels == LABELS
