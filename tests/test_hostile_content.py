@@ -358,6 +358,7 @@ def test_in_chromium_no_element_is_made_from_a_name(served: tuple[str, Path], tm
         try:
             expect.set_options(timeout=60_000)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)  # a shared 2-core machine can be slow to load the page
             trapped: list[str] = []
             page.on("request", lambda request: trapped.append(request.url) if TRAP in request.url else None)
             page.goto(served[0])
