@@ -16,6 +16,7 @@ import pandas as pd
 from demo.service import BatchRow, InferenceService
 from demo.ui import public_message, uploaded_paths, user_errors
 from finetune.disk import prune_folder
+from finetune.safe_text import csv_safe_cell
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
 TOP_K = 5
@@ -46,7 +47,8 @@ def write_csv(table: pd.DataFrame) -> str:
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
     prune_folder(OUTPUT_ROOT, max_age_s=KEEP_OUTPUTS_S)  # demo/disk_limits.py also bounds its size
     path = Path(tempfile.mkdtemp(prefix="batch-", dir=OUTPUT_ROOT)) / "predictions.csv"
-    table.to_csv(path, index=False)
+    safe = table.apply(lambda column: column.map(csv_safe_cell))  # "=HYPERLINK(...)" names stay text
+    safe.to_csv(path, index=False)
     return str(path)
 
 

@@ -16,6 +16,7 @@ import gradio as gr
 from demo.model_picker import ModelView
 from demo.service import InferenceService, ModelInfo
 from demo.ui import check_number, image_source, user_errors
+from finetune.safe_text import escape_markdown, markdown_code
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEFAULT_K = 5
@@ -50,17 +51,21 @@ def describe_latency(latency_s: float | None) -> str:
 
 def model_card(info: ModelInfo) -> str:
     """Markdown card of the served model: name, classes, where the weights came from, validation metrics."""
-    shown = ", ".join(info.labels[:8]) + (", ..." if len(info.labels) > 8 else "")
+    # Names come from a stranger's folders and config.json: every one is escaped (finetune.safe_text).
+    shown = ", ".join(escape_markdown(label) for label in info.labels[:8]) + (
+        ", ..." if len(info.labels) > 8 else ""
+    )
     lines = [
-        f"**Model:** {info.name}",
-        f"**Architecture:** `{info.architecture}`, runtime: {info.runtime}",
+        f"**Model:** {escape_markdown(info.name)}",
+        f"**Architecture:** {markdown_code(info.architecture)}, runtime: {info.runtime}",
         f"**Classes ({len(info.labels)}):** {shown}",
-        f"**Weights:** `{info.weights_source}`",
+        f"**Weights:** {markdown_code(info.weights_source)}",
         f"**Loaded from:** {_source_name(info.source)}",
     ]
     metrics = _scalar_metrics(info.metrics)
     if metrics:
-        lines.append("**Validation:** " + ", ".join(f"{key} {value}" for key, value in metrics.items()))
+        shown_metrics = (f"{escape_markdown(key)} {escape_markdown(value)}" for key, value in metrics.items())
+        lines.append("**Validation:** " + ", ".join(shown_metrics))
     else:
         lines.append("**Validation:** no metrics recorded for this model.")
     return "  \n".join(lines)
@@ -110,7 +115,9 @@ def build(service: InferenceService, model: gr.State | None = None) -> list[Mode
 
 def _source_name(source: str) -> str:
     """Where the weights came from, as a visitor may see it: the run's name, never its server path."""
-    return "this package (no run folder)" if source == "embedded" else f"run `{Path(source).name}`"
+    return (
+        "this package (no run folder)" if source == "embedded" else f"run {markdown_code(Path(source).name)}"
+    )
 
 
 def _scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, str]:

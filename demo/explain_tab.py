@@ -18,6 +18,7 @@ from demo.classify_tab import IMAGE_SOURCES, example_images
 from demo.model_picker import ModelView
 from demo.service import Explanation, InferenceService
 from demo.ui import check_number, check_text, image_source, user_errors
+from finetune.safe_text import escape_markdown
 
 PREDICTED = ""  # the class choice that means "whatever the model predicts"
 DEFAULT_OPACITY = 0.5
@@ -55,10 +56,11 @@ def reblend(explanation: Explanation | None, opacity: float) -> tuple[Any, Any]:
 
 def describe(explanation: Explanation) -> str:
     """Caption: which class the heatmaps explain, the top predictions, and the scales that were fused."""
-    top = ", ".join(f"{label} {prob:.1%}" for label, prob in explanation.predicted.as_dict().items())
+    predicted = explanation.predicted.as_dict().items()
+    top = ", ".join(f"{escape_markdown(label)} {prob:.1%}" for label, prob in predicted)
     scales = ", ".join(f"{scale:g}x" for scale in explanation.scales)
     return (
-        f"Explaining **{explanation.label}** (probability {explanation.prob:.1%}).  \n"
+        f"Explaining **{escape_markdown(explanation.label)}** (probability {explanation.prob:.1%}).  \n"
         f"Top predictions: {top}.  \n"
         f"Multi-scale view: Grad-CAM at {scales} the input size, averaged."
     )

@@ -7,7 +7,6 @@ the Detect tab, the event skips gradio's preprocessing so every upload reaches `
 
 from __future__ import annotations
 
-import html
 import logging
 from functools import partial
 from typing import Any
@@ -18,6 +17,7 @@ from PIL import Image
 from demo.ui import check_number, image_source, public_message, user_errors
 from demo.vision_tasks import SegmentationResult, VisionService, WeightsStatus
 from finetune.images import ImageSource
+from finetune.safe_text import escape_html
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def legend_html(result: SegmentationResult) -> str:
     rows = "".join(
         f'<li><span style="display:inline-block;width:1em;height:1em;margin-right:0.5em;'
         f'vertical-align:middle;border:1px solid #888;background:rgb{share.color}"></span>'
-        f"{html.escape(share.label)}: {share.share * 100:.1f}%</li>"
+        f"{escape_html(share.label)}: {share.share * 100:.1f}%</li>"
         for share in result.legend
     )
     return f'<ul style="list-style:none;padding:0;margin:0">{rows}</ul>'

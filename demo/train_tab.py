@@ -11,7 +11,6 @@ the run ends the Model menu is refreshed and the run folder is offered as a zip.
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from finetune.disk import prune_folder
 from finetune.errors import DatasetError, StudioError
 from finetune.modeling import DEFAULT_MODEL
 from finetune.reports import CURVES_PNG
+from finetune.safe_text import escape_html, escape_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def train(
             shown = _milestone(status)
             yield run_id, _live(status)
     if status.state == FAILED:
-        raise gr.Error(public_message(status.error), print_exception=False)
+        raise gr.Error(escape_html(public_message(status.error), quote=False), print_exception=False)
     yield run_id, final_metrics(status, dataset)
 
 
@@ -190,7 +190,7 @@ def render_progress(status: JobStatus) -> str:
         f'<div class="train-progress" data-state="{status.state}" data-progress="{percent}">'
         f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
         f'<div style="width:{percent}%;height:14px;background:#6366f1;transition:width 0.5s"></div></div>'
-        f"<p><b>{html.escape(' · '.join(parts))}</b><br>{html.escape(detail)}</p></div>"
+        f"<p><b>{escape_html(' · '.join(parts))}</b><br>{escape_html(detail)}</p></div>"
     )
 
 
@@ -253,16 +253,17 @@ def finish(
 def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
     """What happened, the validation score and how to use the model."""
     if not status.has_model:
-        return f"**{status.state.capitalize()}.** {public_message(status.error or status.message)}"
+        detail = escape_markdown(public_message(status.error or status.message))
+        return f"**{status.state.capitalize()}.** {detail}"
     score = status.metrics.get("val_top1")
     lines = [
-        f"**{status.message}.** Validation top-1 of the kept model: **{score:.1%}** "
+        f"**{escape_markdown(status.message)}.** Validation top-1 of the kept model: **{score:.1%}** "
         f"(epoch {status.metrics.get('best_epoch')}, {status.metrics.get('strategy_used')}).",
         f"The model **{status.run_id}** is now in the **Model** menu above: pick it there to use it in "
         "Classify, Explain and Batch. Download the run folder below.",
     ]
     if metrics.get("dataset"):
-        lines.append(str(metrics["dataset"]))
+        lines.append(escape_markdown(metrics["dataset"]))  # class and file names from the upload
     return "  \n".join(lines)
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 
 from finetune.errors import ConfigError, ImageError, StudioError
 from finetune.images import ImageSource
+from finetune.safe_text import escape_html
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def user_errors() -> Iterator[None]:
         yield
     except StudioError as error:
         logger.info("Refused a request: %s", error)
-        raise gr.Error(public_message(str(error)), print_exception=False) from error
+        # Gradio shows the message as (sanitized) HTML; a name in it must stay text (finetune.safe_text).
+        raise gr.Error(escape_html(public_message(str(error)), quote=False), print_exception=False) from error
 
 
 def public_message(text: str) -> str:

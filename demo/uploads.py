@@ -3,8 +3,12 @@
 A zip comes from a stranger, so it is checked as a whole before anything is written: entries that would
 land outside the target folder (absolute paths, `..`), symlinks, encrypted entries, too many files, too many
 uncompressed bytes and suspicious compression ratios (zip bombs) refuse the whole upload with a message.
-Then each entry is read into memory (bounded), checked with `open_image` (the pixel limit, a real decode) and
-only written when it is a usable image; everything skipped is listed with its reason. The result is a folder
+The whole archive's expansion (all entries' bytes over the zip's size) is bounded too, because thousands of
+small blank BMPs each pass a per-entry ratio check. Class folder names pass `finetune.class_names`, and the
+decoded size of every image (width x height x channels, read from its header without decoding) is summed
+against a cap, all before a byte is written. Then each entry is read into memory (bounded), checked with
+`open_image` (the pixel limit, a real decode) and only written when it is a usable image; everything
+skipped is listed with its reason. The result is a folder
 `finetune.data.scan_dataset` reads: one subfolder per class, or `train/` and `val/` with class subfolders.
 """
 
@@ -19,20 +23,24 @@ import stat
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from PIL import Image
+
+from finetune.class_names import check_class_names
 from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
 from finetune.errors import DatasetError, ImageError
 from finetune.images import is_image_file, open_image
 
 logger = logging.getLogger(__name__)
 
-MAX_CLASS_NAME = 64  # characters; class names become folder names and labels in the app
 VERIFY_DRAFT = (64, 64)  # JPEGs are verified by a reduced-size decode: the whole stream is still read
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # metadata that zip tools on macOS/Windows add
 _DRIVE = re.compile(r"^[A-Za-z]:")
+HEADER_BYTES = 256 * 1024  # read from each entry to learn its size; JPEG EXIF may take the first 64 kB
+HEADER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # finetune.images opens (JPEG covers MPO)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class UploadLimits:
     max_file_bytes: int = 50 * 1024**2  # uncompressed bytes of one file
     max_ratio: float = 100.0  # uncompressed / compressed size of one entry; image files stay near 1
     ratio_min_bytes: int = 1024**2  # small entries may compress well (a blank BMP); only big ones count
+    max_archive_ratio: float = 50.0  # all entries' bytes / the zip's size: many small blank BMPs add up
+    max_decoded_bytes: int = 32 * 1024**3  # width x height x channels of all images, read from headers
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
             "the upload is not a readable zip file; zip one folder per class (cats/1.jpg, dogs/1.jpg, ...)."
         ) from error
     with archive:
-        entries, skipped = _checked_entries(archive, limits)
+        entries, skipped = _checked_entries(archive, limits, zip_bytes=zip_path.stat().st_size)
         entries = _flatten_single_top_folder(entries)
         members = []
         for parts, info in entries:
@@ -97,6 +107,10 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
                 skipped.append(SkippedFile(info.filename, f"not an image file ({_suffix(parts[-1])})"))
             else:
                 members.append((parts, info))
+        check_class_names(sorted({_class_of(parts, members) for parts, _ in members}), "in the zip")
+        _check_decoded_size(
+            (_member_header(archive, info, limits) for _, info in members), limits, source="the zip"
+        )
         root = _new_dataset_dir(datasets_dir)
         try:
             for parts, info in members:
@@ -116,7 +130,7 @@ def import_class_files(
 ) -> ImportedDataset:
     """A dataset from typed class names, each with its uploaded files (an upload's name is its file name)."""
     names = [name for name, _ in classes]
-    check_class_names(names)
+    require_class_names(names)
     files = [(name, Path(path)) for name, paths in classes for path in paths]
     if len(files) > limits.max_files:
         raise DatasetError(f"{len(files)} files uploaded; send at most {limits.max_files:,}.")
@@ -125,6 +139,9 @@ def import_class_files(
         raise DatasetError(
             f"the uploads hold {total / 1e6:,.0f} MB; the limit is {limits.max_total_bytes / 1e6:,.0f} MB."
         )
+    _check_decoded_size(
+        (_file_header(path, limits) for _, path in files if is_image_file(path)), limits, source="the uploads"
+    )
     root = _new_dataset_dir(datasets_dir)
     skipped: list[SkippedFile] = []
     try:
@@ -151,36 +168,21 @@ def import_class_files(
 
 
 def parse_class_names(text: str) -> list[str]:
-    """Class names typed as 'cat, dog' or one per line; checked with `check_class_names`."""
+    """Class names typed as 'cat, dog' or one per line; checked with `require_class_names`."""
     names = [name.strip() for name in re.split(r"[,\n]", text or "") if name.strip()]
-    check_class_names(names)
+    require_class_names(names)
     return names
 
 
-def check_class_names(names: Sequence[str]) -> None:
-    """At least two distinct names that are safe as folder names (they become the model's labels)."""
+def require_class_names(names: Sequence[str], where: str = "") -> None:
+    """At least two class names, each passing `finetune.class_names.check_class_names` (they are labels)."""
     if len(names) < 2:
         raise DatasetError(f"give at least 2 class names (got {len(names)}), e.g. 'cat, dog'.")
-    seen: set[str] = set()
-    for name in names:
-        if (
-            not name
-            or len(name) > MAX_CLASS_NAME
-            or name.startswith(".")
-            or any(char in name for char in "/\\")
-            or not name.isprintable()
-        ):
-            raise DatasetError(
-                f"invalid class name {name!r}: use up to {MAX_CLASS_NAME} printable characters, "
-                "without / or \\ and not starting with a dot."
-            )
-        if name.casefold() in seen:
-            raise DatasetError(f"class name {name!r} is given twice; class names must differ.")
-        seen.add(name.casefold())
+    check_class_names(names, where)
 
 
 def _checked_entries(
-    archive: zipfile.ZipFile, limits: UploadLimits
+    archive: zipfile.ZipFile, limits: UploadLimits, zip_bytes: int
 ) -> tuple[list[tuple[tuple[str, ...], zipfile.ZipInfo]], list[SkippedFile]]:
     """Every file entry as path parts; refuse the whole zip on anything unsafe, before writing a byte."""
     infos = archive.infolist()
@@ -219,7 +221,69 @@ def _checked_entries(
             skipped.append(SkippedFile(info.filename, "hidden or system file"))
             continue
         entries.append((parts, info))
+    if total > limits.ratio_min_bytes and total > limits.max_archive_ratio * max(zip_bytes, 1):
+        raise DatasetError(
+            f"the zip expands {total / max(zip_bytes, 1):,.0f}x as a whole ({zip_bytes / 1e6:,.1f} MB to "
+            f"{total / 1e6:,.0f} MB; the limit is {limits.max_archive_ratio:g}x): this looks like a zip bomb "
+            "and the zip is refused. Photos barely compress; send JPEG or PNG files."
+        )
     return entries, skipped
+
+
+def _class_of(parts: tuple[str, ...], members: Sequence[tuple[tuple[str, ...], zipfile.ZipInfo]]) -> str:
+    """The class folder an entry lands in: its first folder, or its second under train/ and val/."""
+    tops = {p[0] for p, _ in members if len(p) > 2}
+    has_split = any(n in tops for n in TRAIN_DIR_NAMES) and any(n in tops for n in VAL_DIR_NAMES)
+    is_split = has_split and len(parts) > 2 and parts[0] in (*TRAIN_DIR_NAMES, *VAL_DIR_NAMES)
+    return parts[1] if is_split else parts[0]
+
+
+def _check_decoded_size(headers: Iterable[bytes | Path], limits: UploadLimits, source: str) -> None:
+    """Refuse a dataset whose images decode to more than `max_decoded_bytes` in all, from headers alone."""
+    total = 0
+    for count, header in enumerate(headers, start=1):
+        total += decoded_bytes(header)
+        if total > limits.max_decoded_bytes:
+            raise DatasetError(
+                f"the images in {source} decode to more than {limits.max_decoded_bytes / 1e9:,.1f} GB of "
+                f"pixels (reached at image {count:,}); send fewer or smaller images."
+            )
+
+
+def decoded_bytes(header: bytes | Path) -> int:
+    """Width x height x channels x bytes per channel of an image, from its header (nothing is decoded).
+
+    0 when the header cannot be read: such a file is refused later, with its reason, by the full check.
+    """
+    try:
+        source = io.BytesIO(header) if isinstance(header, bytes) else header
+        with Image.open(source, formats=HEADER_FORMATS) as image:
+            width, height = image.size
+            per_band = 2 if image.mode.startswith("I;16") else 4 if image.mode in ("I", "F") else 1
+            return width * height * len(image.getbands()) * per_band
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
+        return 0
+
+
+def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: UploadLimits) -> bytes:
+    """The first bytes of a zip entry (enough for an image header), or all of it when the header lies
+    further in (a TIFF may keep its directory at the end); bounded by `max_file_bytes`."""
+    try:
+        with archive.open(info) as member:
+            head = member.read(HEADER_BYTES)
+            if decoded_bytes(head) or len(head) < HEADER_BYTES:
+                return head
+            return head + member.read(limits.max_file_bytes - len(head))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError):
+        return b""  # a damaged entry is reported when it is extracted
+
+
+def _file_header(path: Path, limits: UploadLimits) -> bytes:
+    with path.open("rb") as handle:
+        head = handle.read(HEADER_BYTES)
+        if decoded_bytes(head) or len(head) < HEADER_BYTES:
+            return head
+        return head + handle.read(limits.max_file_bytes - len(head))
 
 
 def _safe_parts(name: str, is_dir: bool = False) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.class_names import check_class_names
 from finetune.errors import DatasetError, ImageError, StoppedError
 from finetune.images import is_image_file, open_image
 
@@ -239,6 +240,7 @@ def _class_names(root: Path) -> list[str]:
         raise DatasetError(
             f"'{root}' needs at least 2 class subfolders (one per class, images inside); found {found}."
         )
+    check_class_names(classes, f"in '{root}'")  # a new dataset's folder names become the model's labels
     return classes
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from finetune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, label_names_of, read_run_config
+from finetune.safe_text import escape_markdown, markdown_code
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,9 @@ def _training(studio: dict[str, Any], history: list[dict[str, Any]]) -> str:
     versions = studio.get("versions") or {}
     if versions:
         lines.append(
-            "Software: " + ", ".join(f"{name} {version}" for name, version in versions.items()) + "."
+            "Software: "
+            + ", ".join(f"{_md(name)} {_md(version)}" for name, version in versions.items())
+            + "."
         )
     return "\n\n".join(lines) if len(lines) > 1 else ""
 
@@ -359,13 +362,13 @@ def _cell(value: Any) -> str:
 
 
 def _code(text: str) -> str:
-    """An inline code span that survives a table cell: no backticks inside, pipes escaped (GFM tables)."""
-    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
+    """An inline code span that survives a table cell (`finetune.safe_text.markdown_code`)."""
+    return markdown_code(text)
 
 
 def _md(text: str) -> str:
-    """Escape what would break a Markdown table or turn a class name into formatting or HTML."""
-    return re.sub(r"([\\|*_`<>\[\]#])", r"\\\1", str(text))
+    """A name (class, dataset, file) as literal text: no formatting, link, image or HTML, one line."""
+    return escape_markdown(text)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -18,6 +18,7 @@ from finetune.cli import configure_logging, run_cli
 from finetune.errors import ImageError
 from finetune.images import is_image_file
 from finetune.inference import add_inference_arguments, parse_tta
+from finetune.safe_text import csv_safe_row
 
 BASE_COLUMNS = ["path", "label", "prob", "error"]
 
@@ -120,7 +121,7 @@ def _write_csv(
     writer.writeheader()
     failures = 0
     for row in predict_rows(classifier, files, top_k, batch_size, tta):
-        writer.writerow(row)
+        writer.writerow(csv_safe_row(row))  # a file or class named "=HYPERLINK(...)" stays text
         failures += bool(row["error"])
     if failures:
         print(

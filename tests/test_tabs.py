@@ -78,7 +78,7 @@ def test_model_card_names_the_model_its_weights_and_metrics(service: InferenceSe
 def test_model_card_shows_scalar_metrics_and_leaves_curves_out(service: InferenceService) -> None:
     info = replace(service.info(), metrics={"best": {"val_acc": 0.93125, "epoch": 7}, "history": [0.1, 0.2]})
     card = classify_tab.model_card(info)
-    assert "**Validation:** best.val_acc 0.9313, best.epoch 7" in card and "history" not in card
+    assert "**Validation:** best.val\\_acc 0.9313, best.epoch 7" in card and "history" not in card  # escaped
 
 
 def test_explain_handler_and_opacity_reblend(service: InferenceService, photo_dir: Path) -> None:

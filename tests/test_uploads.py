@@ -149,9 +149,9 @@ def test_class_files_become_class_folders_and_non_images_are_listed(tmp_path: Pa
 def test_class_names_are_checked(tmp_path: Path) -> None:
     for text, message in [
         ("cat", "at least 2 class names"),
-        ("cat, Cat", "given twice"),
-        ("cat, ../dog", "invalid class name"),
-        ("cat, .hidden", "invalid class name"),
+        ("cat, Cat", "differ only in case"),
+        ("cat, ../dog", r"'\.\./dog' is refused: it must start with a letter"),
+        ("cat, .hidden", r"'\.hidden' is refused: it must start with a letter"),
     ]:
         with pytest.raises(DatasetError, match=message):
             parse_class_names(text)
