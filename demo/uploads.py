@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
 from finetune.errors import DatasetError, ImageError
-from finetune.images import is_image_file, open_image
+from finetune.images import UPLOAD_LIMITS, is_image_file, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _extract_image(
 def _image_problem(data: bytes) -> str:
     """Why `data` is not a usable image (open_image's message: format, decode, pixel limit), or ""."""
     try:
-        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT)
+        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT, limits=UPLOAD_LIMITS)
     except ImageError as error:
         reason = str(error).removeprefix("the uploaded file ")  # the list shows the file's name before it
         return reason.removeprefix("is ")

@@ -166,6 +166,20 @@ def open_image(
     if isinstance(source, Image.Image):
         _check_size(source.size, shown, limits)
         return _finish(source, None, draft_size, shown, limits)
+    with _opened(source, shown, limits) as image:
+        return _decode(image, draft_size, shown, limits)
+
+
+def image_size(source: str | Path | bytes | BinaryIO, limits: ImageLimits = LOCAL_LIMITS) -> tuple[int, int]:
+    """Width and height from the file's header, after the same format, metadata and size checks as
+    `open_image`; decodes no pixels (a cheap probe, e.g. to suggest a training resolution)."""
+    with _opened(source, _describe(source), limits) as image:
+        return image.size
+
+
+@contextmanager
+def _opened(source: str | Path | bytes | BinaryIO, shown: str, limits: ImageLimits) -> Iterator[Image.Image]:
+    """The file opened by an allowed decoder, headers checked, sizes checked; errors become `ImageError`."""
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{shown} is empty (0 bytes); upload a {FORMAT_NAMES} image.")
@@ -182,7 +196,10 @@ def open_image(
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(fp, formats=ALLOWED_FORMATS) as image:
-                    return _decode(image, draft_size, shown, limits)
+                    if image.format not in OPENED_FORMATS:  # Pillow honours `formats`; guard plugin changes
+                        raise ImageError(f"{shown} is a {image.format} file; use a {FORMAT_NAMES} image.")
+                    _check_size(image.size, shown, limits)
+                    yield image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -198,10 +215,7 @@ def open_image(
 def _decode(
     image: Image.Image, draft_size: tuple[int, int] | None, shown: str, limits: ImageLimits
 ) -> Image.Image:
-    """Check the header's size, draft, decode the first frame within the budget, then finish to RGB."""
-    if image.format not in OPENED_FORMATS:  # Pillow honours `formats`; this guards a future plugin change
-        raise ImageError(f"{shown} is a {image.format} file; use a {FORMAT_NAMES} image.")
-    _check_size(image.size, shown, limits)
+    """Draft, decode the first frame within the budget, then finish to RGB."""
     if draft_size is not None and image.format in ("JPEG", "MPO"):
         image.draft("RGB", draft_size)
     width, height = image.size
@@ -279,8 +293,8 @@ def _check_size(size: tuple[int, int], shown: str, limits: ImageLimits) -> None:
         raise ImageError(f"{shown} has no pixels ({width}x{height}).")
     if min(width, height) < limits.min_side:
         raise ImageError(
-            f"{shown} is only {width}x{height} pixels; use an image at least {limits.min_side} pixels "
-            "on each side."
+            f"{shown} is only {width}x{height} pixels, too small to use; use an image at least "
+            f"{limits.min_side} pixels on each side."
         )
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise ImageError(
@@ -348,8 +362,10 @@ def _unidentified_message(source: ImageSource, shown: str) -> str:
         kind = "PPM/PGM"
     if kind is None and prefix[:1] == b"\x0a" and prefix[1:2] in b"\x00\x02\x03\x04\x05":
         kind = "PCX"
-    what = f"a {kind} file" if kind else "not an image this app reads"
-    return f"{shown} is {what}, whatever its name says; send a {FORMAT_NAMES} image."
+    readable = f"{shown} is not an image PIL can read as {FORMAT_NAMES}"
+    if kind is None:
+        return f"{readable}; send one of those formats."
+    return f"{readable}: its content is {kind}, whatever its name says; convert it to one of those formats."
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
