@@ -165,7 +165,7 @@ def open_image(
     shown = f"'{name}'" if name else _describe(source)
     if isinstance(source, Image.Image):
         _check_size(source.size, shown, limits)
-        return _finish(source, None, draft_size, shown, limits)
+        return _finish(source, None, None, shown, limits)  # already decoded: no reduce, the memory is spent
     with _opened(source, shown, limits) as image:
         return _decode(image, draft_size, shown, limits)
 
@@ -226,20 +226,22 @@ def _decode(
         )
     with DECODE_BUDGET.reserve(_decode_bytes(image)):
         image.load()  # the first frame only: nothing here seeks or counts frames (`n_frames` reads them all)
-        return _finish(image, image.format, draft_size, shown, limits)
+        reduce_to = draft_size if image.format not in ("JPEG", "MPO") else None
+        return _finish(image, image.format, reduce_to, shown, limits)
 
 
 def _finish(
     image: Image.Image,
     fmt: str | None,
-    draft_size: tuple[int, int] | None,
+    reduce_to: tuple[int, int] | None,
     shown: str,
     limits: ImageLimits,
 ) -> Image.Image:
+    """To RGB, reduced by a whole factor while staying >= `reduce_to`, then EXIF-transposed."""
     orientation = _orientation(image, shown, limits)
     rgb = _to_rgb(image)
-    if draft_size is not None and fmt not in ("JPEG", "MPO"):
-        factor = min(rgb.width // draft_size[0], rgb.height // draft_size[1])
+    if reduce_to is not None:
+        factor = min(rgb.width // reduce_to[0], rgb.height // reduce_to[1])
         if factor >= 2:  # like JPEG draft: never below the size asked for
             rgb = rgb.reduce(factor)
     if orientation in _TRANSPOSE:
