@@ -15,6 +15,7 @@ Training, evaluation, prediction and the app all open images here, so every path
 from __future__ import annotations
 
 import collections
+import ctypes
 import io
 import logging
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -141,7 +142,12 @@ class DecodeBudget:
                 self._condition.notify_all()
 
 
-DECODE_BUDGET = DecodeBudget(256 * 1024**2)
+# 128 MiB: one upload at the 25 MP limit (100 MB as RGB) decodes alone, while drafted phone JPEGs (a few MB
+# each) and ordinary PNGs still decode many at once. Measured with bench/upload_memory.py: 8 concurrent
+# 24 MP PNG uploads add ~95 MB of peak RSS (283 MB with a 256 MiB budget and no `malloc_trim`).
+DECODE_BUDGET = DecodeBudget(128 * 1024**2)
+_TRIM_AFTER_BYTES = 32 * 1024**2  # decodes this large give their memory back to the OS when done
+_malloc_trim: Any = None  # libc's malloc_trim once looked up; False where there is none
 
 
 def is_image_file(path: Path) -> bool:
@@ -224,10 +230,15 @@ def _decode(
             f"{shown} is {width}x{height} pixels, more than the {limits.max_decoded_pixels:,} this server "
             f"decodes for a {image.format} image; resize it (or send a JPEG) and try again."
         )
-    with DECODE_BUDGET.reserve(_decode_bytes(image)):
+    cost = _decode_bytes(image)
+    with DECODE_BUDGET.reserve(cost):
         image.load()  # the first frame only: nothing here seeks or counts frames (`n_frames` reads them all)
         reduce_to = draft_size if image.format not in ("JPEG", "MPO") else None
-        return _finish(image, image.format, reduce_to, shown, limits)
+        result = _finish(image, image.format, reduce_to, shown, limits)
+        image.close()  # drop the full-size pixels now, while the budget still counts them
+    if cost >= _TRIM_AFTER_BYTES:
+        _return_freed_memory()
+    return result
 
 
 def _finish(
@@ -308,6 +319,24 @@ def _check_size(size: tuple[int, int], shown: str, limits: ImageLimits) -> None:
             f"{shown} is {width}x{height} pixels, more than the limit of {limits.max_pixels:,}; "
             "resize it before uploading."
         )
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Pillow allocates pixels in 16 MB blocks; once one is freed, glibc stops using mmap for blocks that size
+    and keeps later ones in per-thread arenas, so each server thread that once decoded a large image keeps
+    its share: measured with bench/upload_memory.py, 8 concurrent 24 MP uploads left +250 MB resident with
+    one decode at a time. Trimming after each large decode keeps the peak near the budget.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def _decode_bytes(image: Image.Image) -> int:
