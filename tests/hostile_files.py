@@ -254,5 +254,5 @@ def mode_variants() -> dict[str, bytes]:
         "one_bit.bmp": _saved(_sample((40, 30), "1"), "BMP"),
         "gray.webp": _saved(_sample((40, 30), "L"), "WEBP"),
         "one_pixel.png": _saved(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
-        "phone.mpo": mpo(),
+        "phone_mpo.jpg": mpo(),  # phones name their MPO files .jpg
     }
