@@ -14,15 +14,17 @@ import io
 import struct
 from typing import BinaryIO
 
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 EXIF_ORIENTATION = 0x0112
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, SLONG8, IFD8)
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8}
 MAX_JPEG_SEGMENTS = 1000  # markers before the image data; cameras write about 10-30
 MAX_JPEG_JUNK = 64 * 1024  # stray bytes between markers, which Pillow would skip one at a time
+MAX_PNG_CHUNKS = 100_000  # encoders split image data into 8-64 KB chunks: about 12,000 for a 100 MB file
 
 
 class MalformedMetadataError(ValueError):
@@ -30,16 +32,41 @@ class MalformedMetadataError(ValueError):
 
 
 def metadata_copy_bytes(fp: BinaryIO, prefix: bytes) -> int:
-    """Bytes Pillow would copy out of this file's TIFF-structured metadata when opening it; 0 if none.
+    """Bytes Pillow would copy or inflate out of this file's metadata when opening it; 0 if none.
 
-    `fp` must be seekable; its position is left anywhere (callers seek back). Only JPEG (EXIF, MPF) and
-    TIFF (the first IFD) are parsed by Pillow at open time; PNG, WebP, GIF and BMP keep metadata as bytes.
+    `fp` must be seekable; its position is left anywhere (callers seek back). Pillow parses JPEG EXIF and
+    MPF blocks and a TIFF's first IFD at open time, and inflates PNG text chunks (up to 64 MB in all);
+    WebP, GIF and BMP keep metadata as bytes.
     """
     if prefix.startswith(JPEG_MAGIC):
         return sum(_ifd0_copy_bytes(io.BytesIO(block)) for block in _jpeg_tiff_blocks(fp))
     if prefix[:4] in TIFF_MAGICS:
         return _ifd0_copy_bytes(fp, is_file=True)
+    if prefix.startswith(PNG_MAGIC):
+        return _png_text_bytes(fp)
     return 0
+
+
+def _png_text_bytes(fp: BinaryIO) -> int:
+    """Upper bound of the text Pillow keeps from a PNG's tEXt/zTXt/iTXt chunks (compressed ones inflate to
+    at most `MAX_TEXT_CHUNK` each); reads chunk headers only."""
+    fp.seek(8)
+    total = chunks = 0
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            return total
+        length, kind = struct.unpack(">I4s", header)
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise MalformedMetadataError(f"more than {MAX_PNG_CHUNKS:,} PNG chunks")
+        if kind == b"IEND":
+            return total
+        if kind == b"tEXt":
+            total += length
+        elif kind in (b"zTXt", b"iTXt"):  # iTXt may be compressed; count it as if it were
+            total += max(length, min(PngImagePlugin.MAX_TEXT_CHUNK, length * 1032))  # deflate's max ratio
+        fp.seek(length + 4, 1)  # data and CRC
 
 
 def _jpeg_tiff_blocks(fp: BinaryIO) -> list[bytes]:

@@ -3,7 +3,8 @@
 Training, evaluation, prediction and the app all open images here, so every path gets the same rules:
 - only the decoders we promise run (JPEG and its multi-picture MPO form, PNG, WebP, BMP, GIF, TIFF),
   whatever the file is named: Pillow's other plugins (EPS would start Ghostscript) never see user data;
-- metadata is bounded: headers that would make Pillow copy more than `max_metadata_bytes` are refused
+- metadata is bounded: headers that would make Pillow copy or inflate more than `max_metadata_bytes` (and
+  more than the file holds) are refused
   before it parses them, and EXIF orientation is read from small blocks only, by a 12-byte-entry scan;
 - sizes are checked before any pixel is decoded: too many pixels, extreme aspect ratios, too few pixels;
 - large images decode straight to the size the caller needs (JPEG draft, `Image.reduce` for the rest);
@@ -89,7 +90,7 @@ class ImageLimits:
     max_aspect_ratio: float = MAX_ASPECT_RATIO  # longer / shorter side
     min_side: int = 1  # pixels on the shorter side
     max_exif_bytes: int = 64 * 1024  # EXIF blocks read for orientation; larger ones are skipped with a note
-    max_metadata_bytes: int = 16 * 1024**2  # bytes Pillow may copy out of TIFF/EXIF/MPF headers at open
+    max_metadata_bytes: int = 16 * 1024**2  # header bytes Pillow may copy or inflate (or up to the file size)
 
 
 LOCAL_LIMITS = ImageLimits()
@@ -283,7 +284,13 @@ def _seekable(source: str | Path | BinaryIO) -> Iterator[BinaryIO]:
 
 
 def _check_metadata(fp: BinaryIO, shown: str, limits: ImageLimits) -> None:
-    """Refuse headers built to make Pillow's own parsing copy gigabytes or loop for long."""
+    """Refuse headers built to make Pillow's own parsing copy gigabytes or loop for long.
+
+    Metadata may cost what the file holds (a layered TIFF's 50 MB Photoshop tag is read once) or up to
+    `max_metadata_bytes`; more than both means entries share data or text inflates: a bomb.
+    """
+    file_bytes = fp.seek(0, 2)
+    fp.seek(0)
     prefix = fp.read(16)
     try:
         copied = metadata_copy_bytes(fp, prefix)
@@ -293,7 +300,7 @@ def _check_metadata(fp: BinaryIO, shown: str, limits: ImageLimits) -> None:
         ) from error
     finally:
         fp.seek(0)
-    if copied > limits.max_metadata_bytes:
+    if copied > limits.max_metadata_bytes and copied > file_bytes:
         raise ImageError(
             f"{shown} has metadata that would take {copied / 2**20:,.0f} MiB to read (the limit is "
             f"{limits.max_metadata_bytes / 2**20:,.0f} MiB); re-save it without metadata."

@@ -199,6 +199,13 @@ def tiff_ifd_bomb(blob_bytes: int = 2 * 1024**2, entries: int = 400) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\xcd" * blob_bytes + pixels
 
 
+def png_text_bomb(chunks: int = 64, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A small PNG with `chunks` zTXt chunks of ~1 KB that each inflate to 1 MB (Pillow keeps up to 64 MB)."""
+    text = zlib.compress(b" " * (1024**2 - 1), 9)
+    inserted = b"".join(png_chunk(b"zTXt", f"k{index}".encode() + b"\0\0" + text) for index in range(chunks))
+    return _png_with_chunks(png(size), inserted)
+
+
 def thin_png(width: int = 4, height: int = 20_000) -> bytes:
     """A few hundred bytes that a shorter-side resize to 256 px turns into 256 x 1,280,000 pixels."""
     return _saved(Image.new("L", (width, height), 200), "PNG", optimize=True)

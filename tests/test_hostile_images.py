@@ -140,6 +140,21 @@ def test_tiff_ifd_bomb_is_refused_before_pillow_parses_it(tmp_path: Path) -> Non
     assert figures["peak_mb"] < 128
 
 
+def test_png_text_bomb_is_refused_before_pillow_inflates_it(tmp_path: Path) -> None:
+    """64 zTXt chunks of ~1 KB each inflating to 1 MB: Pillow would keep 64 MB per request."""
+    data = hostile_files.png_text_bomb()
+    assert len(data) < 100_000
+    figures = _measure_open(tmp_path, data)
+    print(f"\nPNG text bomb: {figures}")
+    assert "metadata" in figures["outcome"]
+    assert figures["peak_mb"] < 32
+
+
+def test_one_large_metadata_block_is_fine_when_the_file_holds_it(tmp_path: Path) -> None:
+    """A 17 MiB private TIFF tag (as layered Photoshop TIFFs have) is read once: no bomb."""
+    assert open_image(hostile_files.tiff_ifd_bomb(blob_bytes=17 * 1024**2, entries=1)).size == (16, 16)
+
+
 def test_thin_strip_is_refused_before_any_resize(tmp_path: Path) -> None:
     """A few hundred bytes of 4x20000 PNG became 256x1,280,000 pixels (+1.4 GB) at the resize step."""
     figures = _measure_open(tmp_path, hostile_files.thin_png())
