@@ -210,8 +210,10 @@ def _opened(source: str | Path | bytes | BinaryIO, shown: str, limits: ImageLimi
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own limit (89 MP) is above ours, so this is a header claiming more than `max_pixels`
         raise ImageError(
-            f"{shown} is too large to open safely ({error}); resize it below {limits.max_pixels:,} pixels."
+            f"{shown} is too large to open safely: its header claims more than {limits.max_pixels:,} "
+            "pixels; resize it before uploading."
         ) from error
     except UnidentifiedImageError as error:
         raise ImageError(_unidentified_message(source, shown)) from error
