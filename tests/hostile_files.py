@@ -163,6 +163,18 @@ def exif_bomb_jpeg(size: tuple[int, int] = (64, 64)) -> bytes:
     return jpeg(size, exif=b"Exif\x00\x00" + block[:65_000])
 
 
+def jpeg_many_segments(segments: int = 20_000) -> bytes:
+    """A JPEG with thousands of empty comment segments before its image data (Pillow walks each in Python)."""
+    base = jpeg((32, 32))
+    return base[:2] + b"\xff\xfe\x00\x02" * segments + base[2:]
+
+
+def jpeg_junk(junk_bytes: int = 5 * 1024**2) -> bytes:
+    """A JPEG with megabytes of stray bytes after a comment segment; Pillow skips them one byte at a time."""
+    base = jpeg((32, 32))
+    return base[:2] + b"\xff\xfe\x00\x02" + b"\x00" * junk_bytes + base[2:]
+
+
 def exif_bomb_webp(size: tuple[int, int] = (64, 64)) -> bytes:
     return _saved(_sample(size), "WEBP", exif=b"Exif\x00\x00" + exif_bomb(blob_bytes=1024**2, entries=300))
 

@@ -155,6 +155,21 @@ def test_one_large_metadata_block_is_fine_when_the_file_holds_it(tmp_path: Path)
     assert open_image(hostile_files.tiff_ifd_bomb(blob_bytes=17 * 1024**2, entries=1)).size == (16, 16)
 
 
+@pytest.mark.parametrize(
+    ("builder", "message"),
+    [
+        ("jpeg_many_segments", "more than 1,000 JPEG header segments"),
+        ("jpeg_junk", "more than 65,536 stray bytes"),
+    ],
+)
+def test_jpeg_headers_built_to_be_slow_are_refused(builder: str, message: str) -> None:
+    data = getattr(hostile_files, builder)()
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=f"malformed headers \\({message}"):
+        open_image(data, limits=UPLOAD_LIMITS)
+    print(f"\n{builder} ({len(data):,} bytes) refused in {time.perf_counter() - start:.3f} s")
+
+
 def test_thin_strip_is_refused_before_any_resize(tmp_path: Path) -> None:
     """A few hundred bytes of 4x20000 PNG became 256x1,280,000 pixels (+1.4 GB) at the resize step."""
     figures = _measure_open(tmp_path, hostile_files.thin_png())
