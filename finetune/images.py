@@ -15,20 +15,18 @@ Training, evaluation, prediction and the app all open images here, so every path
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import io
 import logging
-import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from finetune.decode_budget import DECODE_BUDGET, TRIM_AFTER_BYTES, return_freed_memory
 from finetune.errors import ImageError
 from finetune.image_metadata import MalformedMetadataError, exif_block, metadata_copy_bytes, read_orientation
 
@@ -98,57 +96,6 @@ LOCAL_LIMITS = ImageLimits()
 # they are held to 25 MP (~100 MB as RGB); a JPEG drafts at down to 1/8 scale, so a 64 MP photo opened with
 # a `draft_size` decodes to 1 MP and is fine. The smallest side matches what the app can classify.
 UPLOAD_LIMITS = ImageLimits(max_decoded_pixels=MAX_UPLOAD_DECODED_PIXELS, min_side=4)
-
-
-class DecodeBudget:
-    """Bytes of pixels being decoded at once, process-wide: decodes wait in arrival order until theirs fit.
-
-    A decode larger than the whole budget still runs, but alone. Estimates are taken from the header before
-    `load()` (width x height x Pillow's bytes per pixel, plus the RGB copy), so a waiting request has not
-    yet allocated anything.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._in_flight = 0
-        self._queue: collections.deque[object] = collections.deque()
-        self._condition = threading.Condition()
-
-    @property
-    def in_flight(self) -> int:
-        """Bytes reserved by decodes running now."""
-        with self._condition:
-            return self._in_flight
-
-    @contextmanager
-    def reserve(self, nbytes: int) -> Iterator[None]:
-        """Hold `nbytes` of the budget for the duration of the `with` block."""
-        ticket = object()
-        with self._condition:
-            self._queue.append(ticket)
-            self._condition.wait_for(
-                lambda: (
-                    self._queue[0] is ticket
-                    and (self._in_flight == 0 or self._in_flight + nbytes <= self.budget_bytes)
-                )
-            )
-            self._queue.popleft()
-            self._in_flight += nbytes
-            self._condition.notify_all()
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._in_flight -= nbytes
-                self._condition.notify_all()
-
-
-# 128 MiB: one upload at the 25 MP limit (100 MB as RGB) decodes alone, while drafted phone JPEGs (a few MB
-# each) and ordinary PNGs still decode many at once. Measured with bench/upload_memory.py: 8 concurrent
-# 24 MP PNG uploads add ~95 MB of peak RSS (283 MB with a 256 MiB budget and no `malloc_trim`).
-DECODE_BUDGET = DecodeBudget(128 * 1024**2)
-_TRIM_AFTER_BYTES = 32 * 1024**2  # decodes this large give their memory back to the OS when done
-_malloc_trim: Any = None  # libc's malloc_trim once looked up; False where there is none
 
 
 def is_image_file(path: Path) -> bool:
@@ -239,8 +186,8 @@ def _decode(
         reduce_to = draft_size if image.format not in ("JPEG", "MPO") else None
         result = _finish(image, image.format, reduce_to, shown, limits)
         image.close()  # drop the full-size pixels now, while the budget still counts them
-    if cost >= _TRIM_AFTER_BYTES:
-        _return_freed_memory()
+    if cost >= TRIM_AFTER_BYTES:
+        return_freed_memory()
     return result
 
 
@@ -328,24 +275,6 @@ def _check_size(size: tuple[int, int], shown: str, limits: ImageLimits) -> None:
             f"{shown} is {width}x{height} pixels, more than the limit of {limits.max_pixels:,}; "
             "resize it before uploading."
         )
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Pillow allocates pixels in 16 MB blocks; once one is freed, glibc stops using mmap for blocks that size
-    and keeps later ones in per-thread arenas, so each server thread that once decoded a large image keeps
-    its share: measured with bench/upload_memory.py, 8 concurrent 24 MP uploads left +250 MB resident with
-    one decode at a time. Trimming after each large decode keeps the peak near the budget.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
 
 
 def _decode_bytes(image: Image.Image) -> int:

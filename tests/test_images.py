@@ -12,8 +12,9 @@ import pytest
 from conftest import photo
 from PIL import Image
 
+from finetune.decode_budget import DecodeBudget
 from finetune.errors import ImageError
-from finetune.images import UPLOAD_LIMITS, DecodeBudget, image_size, open_image
+from finetune.images import UPLOAD_LIMITS, image_size, open_image
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK", "I;16", "I", "F", "YCbCr"])
