@@ -1,12 +1,13 @@
 """Bounded-time fuzz run: odd and hostile image files through every door an image comes in by.
 
-    python bench/fuzz.py                     # about 120 s on two cores, seed 0
+    python bench/fuzz.py                     # 120 s of loops + training and predict: ~150 s, seed 0
     python bench/fuzz.py --seconds 600 --seed 7
 
-The corpus is `tests/hostile_files.py` (refused formats named `photo.png`, metadata bombs, a 4x20000 strip,
-an 8000x8000 PNG, a header claiming 10 gigapixels, a 3000-frame GIF, odd modes: 16-bit, CMYK, LA, P with
-transparency, 1x1, MPO) plus random mutations of valid JPEG/PNG/GIF/WebP/TIFF/BMP/MPO files (truncations,
-byte flips, patched header dimensions, repeated segments) under odd names. Each file goes through:
+The corpus is `tests/hostile_files.py` (refused formats named `photo.png`, EXIF/TIFF/PNG-text bombs, slow
+JPEG headers, a 4x20000 strip, an 8000x8000 PNG, a header claiming 10 gigapixels, a 3000-frame GIF, odd
+modes: 16-bit, CMYK, LA, P with transparency, 1x1, MPO) plus random mutations of valid JPEG, PNG, GIF,
+WebP, TIFF, BMP and MPO files (truncations, byte flips, patched header dimensions, repeated segments)
+under odd names. Each file goes through:
 1. `finetune.images.open_image` with the upload and the local limits, until the time share for it is used;
 2. a tiny training (`python -m finetune`, test_efficientnet, random init) on good and bad files mixed;
 3. `python -m finetune.predict` with that run on a folder of corpus files;
@@ -112,6 +113,9 @@ def fixed_corpus() -> list[tuple[str, bytes]]:
         ("exif_bomb.jpg", hostile_files.exif_bomb_jpeg()),
         ("exif_bomb.webp", hostile_files.exif_bomb_webp()),
         ("ifd_bomb.tif", hostile_files.tiff_ifd_bomb()),
+        ("text_bomb.png", hostile_files.png_text_bomb()),
+        ("many_segments.jpg", hostile_files.jpeg_many_segments()),
+        ("junk.jpg", hostile_files.jpeg_junk(200_000)),
         ("thin.png", hostile_files.thin_png()),
         ("big.png", hostile_files.big_png(8000, 8000)),
         ("huge_header.png", hostile_files.huge_header_png()),

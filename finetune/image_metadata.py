@@ -4,8 +4,8 @@ Pillow parses TIFF-structured metadata (a TIFF file's first IFD, a JPEG's EXIF a
 every entry's data out of the file. Entries may all point at one large blob, so a 4 MB block can make it
 copy gigabytes (600 entries x 4 MB). `metadata_copy_bytes` walks the same headers without copying anything
 and says how many bytes that parse would copy (PNG text chunks: how much they could inflate to), so
-`finetune.images` can refuse a file before Pillow opens it. `read_orientation` reads EXIF orientation from a small block with a 12-byte-per-entry scan, never
-through Pillow's `getexif`.
+`finetune.images` can refuse a file before Pillow opens it. `read_orientation` reads EXIF orientation
+from a small block with a 12-byte-per-entry scan, never through Pillow's `getexif`.
 """
 
 from __future__ import annotations
