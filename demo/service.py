@@ -27,7 +27,7 @@ from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_
 from demo.lanes import Lanes
 from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
-from finetune.images import ImageSource, open_image
+from finetune.images import UPLOAD_LIMITS, ImageSource, open_image
 from finetune.inference import Classifier, Prediction, create_classifier, top_k
 from finetune.modeling import draft_size_for
 
@@ -301,7 +301,7 @@ class InferenceService:
     def _open(self, model: _Model, image: ImageSource, name: str | None, scale: float = 1.0) -> Image.Image:
         """Open through `open_image`, decoding JPEGs only as large as the run's resize step needs."""
         try:
-            picture = open_image(image, draft_size=draft_size_for(model.run.data_config, scale))
+            picture = open_image(image, draft_size_for(model.run.data_config, scale), limits=UPLOAD_LIMITS)
         except ImageError as error:
             if name and isinstance(image, (str, Path)):  # uploads live under random cache paths
                 raise ImageError(str(error).replace(str(image), name)) from error

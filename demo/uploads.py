@@ -27,12 +27,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
-
 from finetune.class_names import check_class_names
 from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
 from finetune.errors import DatasetError, ImageError
-from finetune.images import is_image_file, open_image
+from finetune.images import UPLOAD_LIMITS, is_image_file, open_image
+from finetune.images import decoded_bytes as image_decoded_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ VERIFY_DRAFT = (64, 64)  # JPEGs are verified by a reduced-size decode: the whol
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # metadata that zip tools on macOS/Windows add
 _DRIVE = re.compile(r"^[A-Za-z]:")
 HEADER_BYTES = 256 * 1024  # read from each entry to learn its size; JPEG EXIF may take the first 64 kB
-HEADER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # finetune.images opens (JPEG covers MPO)
 
 
 @dataclass(frozen=True)
@@ -256,12 +254,8 @@ def decoded_bytes(header: bytes | Path) -> int:
     0 when the header cannot be read: such a file is refused later, with its reason, by the full check.
     """
     try:
-        source = io.BytesIO(header) if isinstance(header, bytes) else header
-        with Image.open(source, formats=HEADER_FORMATS) as image:
-            width, height = image.size
-            per_band = 2 if image.mode.startswith("I;16") else 4 if image.mode in ("I", "F") else 1
-            return width * height * len(image.getbands()) * per_band
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
+        return image_decoded_bytes(header, UPLOAD_LIMITS)
+    except ImageError:
         return 0
 
 
@@ -344,7 +338,7 @@ def _extract_image(
 def _image_problem(data: bytes) -> str:
     """Why `data` is not a usable image (open_image's message: format, decode, pixel limit), or ""."""
     try:
-        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT)
+        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT, limits=UPLOAD_LIMITS)
     except ImageError as error:
         reason = str(error).removeprefix("the uploaded file ")  # the list shows the file's name before it
         return reason.removeprefix("is ")

@@ -32,7 +32,7 @@ from demo.vision_weights import (
     weights_status,
 )
 from finetune.errors import ConfigError
-from finetune.images import ImageSource, open_image
+from finetune.images import UPLOAD_LIMITS, ImageSource, open_image
 
 # detection inputs are shrunk to this first; every detector here resizes below it anyway
 MODEL_MAX_SIDE = 1333
@@ -138,7 +138,7 @@ class VisionService:
     def detect(self, image: ImageSource, threshold: float = 0.5) -> DetectionResult:
         """Boxes with score >= `threshold` in `image`, drawn on it; class names are COCO's."""
         check_fraction("threshold", threshold)
-        picture = open_image(image)
+        picture = open_image(image, limits=UPLOAD_LIMITS)
         small = picture.copy()
         small.thumbnail((MODEL_MAX_SIDE, MODEL_MAX_SIDE))
         with self._locks["detector"]:
@@ -158,7 +158,7 @@ class VisionService:
 
     def segment(self, image: ImageSource) -> SegmentationResult:
         """A class id for every pixel of `image` (PASCAL VOC classes) and the share of each class present."""
-        picture = open_image(image)
+        picture = open_image(image, limits=UPLOAD_LIMITS)
         with self._locks["segmenter"]:
             loaded = self._load("segmenter")
             with torch.inference_mode():

@@ -25,7 +25,7 @@ from PIL import Image
 
 from finetune.class_names import check_class_names
 from finetune.errors import DatasetError, ImageError, StoppedError
-from finetune.images import is_image_file, open_image
+from finetune.images import image_size, is_image_file, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,8 @@ def suggest_image_size(samples: Sequence[Sample], native_size: int, max_probe: i
     sides = []
     for sample in list(samples)[::step][:max_probe]:
         try:
-            with Image.open(sample.path) as image:
-                sides.append(min(image.size))
-        except Exception:  # unreadable files are reported later by the cache; size only needs a sample
+            sides.append(min(image_size(sample.path)))
+        except ImageError:  # unreadable files are reported later by the cache; size only needs a sample
             continue
     if not sides:
         return native_size
