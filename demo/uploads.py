@@ -5,7 +5,8 @@ land outside the target folder (absolute paths, `..`), symlinks, encrypted entri
 uncompressed bytes and suspicious compression ratios (zip bombs) refuse the whole upload with a message.
 Then each entry is read into memory (bounded), checked with `open_image` (the pixel limit, a real decode) and
 only written when it is a usable image; everything skipped is listed with its reason. The result is a folder
-`finetune.data.scan_dataset` reads: one subfolder per class, or `train/` and `val/` with class subfolders.
+`finetune.data.scan_dataset` reads (`find_layout`): one subfolder per class, or `train/` (+ `val/`, `test/`)
+with class subfolders.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
+from finetune.data import find_layout
 from finetune.errors import DatasetError, ImageError
 from finetune.images import is_image_file, open_image
 
@@ -291,26 +292,15 @@ def _finish(
     root: Path, skipped: list[SkippedFile], source: str, expected: Sequence[str] = ()
 ) -> ImportedDataset:
     """Count images per class; fewer than 2 usable classes is a `DatasetError` that says what was found."""
-    train = next((root / name for name in TRAIN_DIR_NAMES if (root / name).is_dir()), None)
-    has_val = train is not None and any((root / name).is_dir() for name in VAL_DIR_NAMES)
-    class_roots = [train, *(root / name for name in VAL_DIR_NAMES)] if has_val else [root]
+    layout = find_layout(root, source=source)  # the CLI's own rule: train/ (+ val/, test/) or class folders
+    has_val = layout.has_val_folder
     counts: Counter[str] = Counter({name: 0 for name in expected})
-    for class_root in class_roots:
-        if class_root is None or not class_root.is_dir():
+    for class_root in (layout.train_dir, layout.val_dir):  # test/ images are never trained on
+        if class_root is None:
             continue
         for folder in sorted(class_root.iterdir()):
             if folder.is_dir():
                 counts[folder.name] += sum(1 for path in folder.rglob("*") if path.is_file())
-    if has_val:
-        unknown = sorted(
-            {p.name for n in VAL_DIR_NAMES if (root / n).is_dir() for p in (root / n).iterdir() if p.is_dir()}
-            - {p.name for p in train.iterdir() if p.is_dir()}
-        )
-        if unknown:
-            raise DatasetError(
-                f"the val/ folder of {source} has classes that train/ lacks: {', '.join(unknown[:5])}; "
-                "give every class images in train/."
-            )
     found = {name: count for name, count in sorted(counts.items()) if count > 0}
     if expected:
         found = {name: counts[name] for name in expected}
