@@ -57,6 +57,16 @@ class SplitRecord:
             if f.subset == subset and (only is None or f.path in only)
         ]
 
+    def unchanged(self, samples: Sequence[Sample], workers: int | None = None) -> list[Sample]:
+        """Those of `samples` (from `self.samples`) whose file still has its recorded bytes."""
+        recorded = {self.data_dir / f.path: f.sha256 for f in self.files}
+        digests = hash_files([sample.path for sample in samples], workers)
+        return [s for s, digest in zip(samples, digests, strict=True) if digest == recorded.get(s.path)]
+
+    def is_dataset(self, data_dir: Path) -> bool:
+        """Whether `data_dir` is the folder this split was recorded in."""
+        return Path(data_dir).resolve() == self.data_dir.resolve()
+
     def to_split(self) -> DatasetSplit:
         """The recorded split as the trainer uses it."""
         return DatasetSplit(
