@@ -81,7 +81,9 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument("--label-smoothing", type=float, default=d["label_smoothing"], help="label smoothing")
     recipe.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max grad norm; 0 = off")
     recipe.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
-    recipe.add_argument("--ema-decay", type=float, default=d["ema_decay"], help="EMA decay per step")
+    recipe.add_argument(
+        "--ema-decay", type=float, default=d["ema_decay"], help="EMA decay after its warmup (starts at 0)"
+    )
     recipe.add_argument(
         "--balance", choices=BALANCE_MODES, default=d["balance"],
         help="class imbalance: loss weights, a balanced sampler, none, or auto (loss weights past 3x)",

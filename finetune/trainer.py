@@ -497,7 +497,11 @@ def _wrap_distributed(model: torch.nn.Module, dist: DistContext) -> torch.nn.Mod
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
-    """Higher top-1 wins; on a tie, the lower validation loss."""
+    """Higher top-1 wins; on a tie, the lower validation loss.
+
+    The probe and fine-tuning are trained on the same loss (class weights, label smoothing, sampler) and
+    scored with the same plain cross-entropy, so a tie is not decided by which phase smoothed its labels.
+    """
     if not best:
         return True
     if row["val_top1"] != best["val_top1"]:
