@@ -58,7 +58,14 @@ from finetune.modeling import (
     resolve_model_data_config,
     split_eval_transform,
 )
-from finetune.split import compare_with_folder, read_split, record_split, warn_about_classes, write_split
+from finetune.split import (
+    SPLIT_FILE,
+    compare_with_folder,
+    read_split,
+    record_split,
+    warn_about_classes,
+    write_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +265,7 @@ def _dataset_split(config: TrainConfig, dist: DistContext, resume: bool) -> Data
     if resume:
         logger.warning(
             "%s has no %s (saved by an older version): recomputing the split from the folder, which only "
-            "matches the first one if no file was added, removed or renamed since.", config.out, "split.json",
+            "matches the first one if no file was added, removed or renamed since.", config.out, SPLIT_FILE,
         )  # fmt: skip
     split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
     if dist.is_main and not resume:
