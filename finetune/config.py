@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 class TrainConfig:
     """Options of `python -m finetune`; flags are kebab-case mirrors of these fields."""
 
-    data_dir: Path  # folder of class subfolders, or with train/ and val/ (or valid/) inside
+    data_dir: Path  # folder of class subfolders, or train/ with optional val/ (or valid/) and test/ beside it
     out: Path  # run folder to write (weights, config, metrics, plots)
     model: str = DEFAULT_MODEL  # any timm architecture name
     weights: str = "auto"  # "auto" (embedded or timm download), "none" (random init) or a weights file

@@ -5,7 +5,8 @@ few seconds, and a strong baseline on small data); then, when the strategy and t
 fine-tune the whole network from that head with layer-wise learning-rate decay, warmup + cosine, label
 smoothing and early stopping. The best validation checkpoint of any phase is kept, so `auto` never ends worse
 than the probe. Every epoch leaves a resumable state; a stop request (Ctrl-C, the app's Cancel) ends cleanly
-at a batch edge.
+at a batch edge. The split is recorded in split.json and reused on resume; a test/ folder is scored once, at
+the end, by the kept model, and never takes part in choosing it.
 """
 
 from __future__ import annotations
