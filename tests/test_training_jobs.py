@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MODEL
 from train_data import write_photo_classes
 
-from demo.training_jobs import CANCELLED, DONE, QUEUED, RUNNING, TrainingManager, TrainOptions
+from demo.training_jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TrainingManager, TrainOptions
 from finetune.checkpoint import load_run
 from finetune.errors import ConfigError, StudioError
 
@@ -127,6 +127,20 @@ def test_the_time_budget_stops_a_long_run_and_keeps_its_best_checkpoint(tmp_path
         assert status.metrics["interrupted"] is True and 1 <= status.metrics["epochs_run"] < 500
         assert 20 <= status.elapsed_s < 60, status
         assert load_run(manager.runs_dir / run_id).labels == ["cat", "coffee"]
+    finally:
+        manager.close()
+
+
+def test_a_budget_spent_before_the_first_checkpoint_fails_the_job_and_keeps_nothing(tmp_path: Path) -> None:
+    """No probe (strategy finetune) and 600 images: the first checkpoint needs a whole epoch, far past 1 s."""
+    manager = manager_for(tmp_path)
+    try:
+        options = TrainOptions(model=TINY_MODEL, strategy="finetune", epochs=5, time_budget_s=1)
+        run_id = manager.submit(dataset(tmp_path, per_class=300), ["cat", "coffee"], options)
+        status = manager.wait_until_finished(run_id, timeout_s=TIMEOUT_S)
+        assert status.state == FAILED, status
+        assert "time budget (1 s) ran out before the first checkpoint" in status.error
+        assert not status.has_model and not (manager.runs_dir / run_id).exists()
     finally:
         manager.close()
 
