@@ -219,11 +219,14 @@ def _counts(targets: Iterable[int]) -> dict[int, int]:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest would do this, but only from Python 3.11
     try:
         with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
     except OSError:
         return ""
+    return digest.hexdigest()
 
 
 def _relative(path: Path, data_dir: Path) -> str:
