@@ -107,7 +107,7 @@ def evaluate_folder(
     from finetune.checkpoint import load_run
     from finetune.errors import ImageError
     from finetune.inference import create_classifier, parse_tta
-    from finetune.reports import classification_report, confusion_matrix
+    from finetune.reports import classes_without_images, classification_report, confusion_matrix
 
     run = load_run(checkpoint)
     classifier = create_classifier(run, runtime=runtime, batch_size=batch_size)
@@ -132,11 +132,13 @@ def evaluate_folder(
     target_array = np.array(targets)
     ranked = np.argsort(-probs, axis=1)[:, :5]
     matrix = confusion_matrix(target_array, ranked[:, 0], len(run.labels))
+    report = classification_report(matrix, run.labels)
     metrics = {
         "top1": float((ranked[:, 0] == target_array).mean()),
         "top5": float((ranked == target_array[:, None]).any(axis=1).mean()),
         "n": int(len(target_array)),
-        "per_class": classification_report(matrix, run.labels),
+        "per_class": report,
+        "classes_without_images": classes_without_images(report),  # left out of the macro averages
         "bad_files": bad,
         "checkpoint": str(checkpoint),
         "subset": subset,  # "folder" (all of DATA_DIR), or the run's recorded "test" / "val" split
@@ -168,6 +170,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{subset.get(metrics['subset'], '')}\n"
     )
     print(format_report(metrics["per_class"]))
+    if metrics["classes_without_images"]:
+        missing = ", ".join(metrics["classes_without_images"])
+        print(f"macro averages leave out classes without images here: {missing}")
     if len(labels) <= 20:
         width = max(len(label) for label in labels)
         print("confusion matrix (rows: true, columns: predicted)")

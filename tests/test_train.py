@@ -322,6 +322,9 @@ def test_class_warnings_name_classes_without_validation_images_or_with_one_image
     assert report["digit_2"]["support"] == 0
     supported = [report[name]["f1"] for name in ("digit_0", "digit_1")]
     assert report["macro avg"]["f1"] == pytest.approx(sum(supported) / 2)
+    evaluated, _, _ = evaluate_folder(data, str(tmp_path / "run"))  # the recorded validation images
+    assert evaluated["classes_without_images"] == ["digit_2"]
+    assert evaluated["per_class"]["macro avg"]["f1"] == pytest.approx(report["macro avg"]["f1"])
 
 
 def test_the_time_budget_and_wall_time_count_decoding(tmp_path: Path) -> None:
