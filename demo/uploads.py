@@ -8,8 +8,8 @@ small blank BMPs each pass a per-entry ratio check. Class folder names pass `fin
 decoded size of every image (width x height x channels, read from its header without decoding) is summed
 against a cap, all before a byte is written. Then each entry is read into memory (bounded), checked with
 `open_image` (the pixel limit, a real decode) and only written when it is a usable image; everything
-skipped is listed with its reason. The result is a folder
-`finetune.data.scan_dataset` reads: one subfolder per class, or `train/` and `val/` with class subfolders.
+skipped is listed with its reason. The result is a folder `finetune.data.scan_dataset` reads
+(`find_layout`): one subfolder per class, or `train/` (+ `val/`, `test/`) with class subfolders.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from finetune.class_names import check_class_names
-from finetune.data import TRAIN_DIR_NAMES, VAL_DIR_NAMES
+from finetune.data import SPLIT_DIR_NAMES, TRAIN_DIR_NAMES, find_layout
 from finetune.errors import DatasetError, ImageError
 from finetune.images import UPLOAD_LIMITS, is_image_file, open_image
 from finetune.images import decoded_bytes as image_decoded_bytes
@@ -229,10 +229,11 @@ def _checked_entries(
 
 
 def _class_of(parts: tuple[str, ...], members: Sequence[tuple[tuple[str, ...], zipfile.ZipInfo]]) -> str:
-    """The class folder an entry lands in: its first folder, or its second under train/ and val/."""
+    """The class folder an entry lands in, by `finetune.data.find_layout`'s rule: with a `train/` folder,
+    the second folder under train/, val/ and test/; else the first."""
     tops = {p[0] for p, _ in members if len(p) > 2}
-    has_split = any(n in tops for n in TRAIN_DIR_NAMES) and any(n in tops for n in VAL_DIR_NAMES)
-    is_split = has_split and len(parts) > 2 and parts[0] in (*TRAIN_DIR_NAMES, *VAL_DIR_NAMES)
+    has_train = any(name in tops for name in TRAIN_DIR_NAMES)
+    is_split = has_train and len(parts) > 2 and parts[0] in SPLIT_DIR_NAMES
     return parts[1] if is_split else parts[0]
 
 
@@ -349,26 +350,15 @@ def _finish(
     root: Path, skipped: list[SkippedFile], source: str, expected: Sequence[str] = ()
 ) -> ImportedDataset:
     """Count images per class; fewer than 2 usable classes is a `DatasetError` that says what was found."""
-    train = next((root / name for name in TRAIN_DIR_NAMES if (root / name).is_dir()), None)
-    has_val = train is not None and any((root / name).is_dir() for name in VAL_DIR_NAMES)
-    class_roots = [train, *(root / name for name in VAL_DIR_NAMES)] if has_val else [root]
+    layout = find_layout(root, source=source)  # the CLI's own rule: train/ (+ val/, test/) or class folders
+    has_val = layout.has_val_folder
     counts: Counter[str] = Counter({name: 0 for name in expected})
-    for class_root in class_roots:
-        if class_root is None or not class_root.is_dir():
+    for class_root in (layout.train_dir, layout.val_dir):  # test/ images are never trained on
+        if class_root is None:
             continue
         for folder in sorted(class_root.iterdir()):
             if folder.is_dir():
                 counts[folder.name] += sum(1 for path in folder.rglob("*") if path.is_file())
-    if has_val:
-        unknown = sorted(
-            {p.name for n in VAL_DIR_NAMES if (root / n).is_dir() for p in (root / n).iterdir() if p.is_dir()}
-            - {p.name for p in train.iterdir() if p.is_dir()}
-        )
-        if unknown:
-            raise DatasetError(
-                f"the val/ folder of {source} has classes that train/ lacks: {', '.join(unknown[:5])}; "
-                "give every class images in train/."
-            )
     found = {name: count for name, count in sorted(counts.items()) if count > 0}
     if expected:
         found = {name: counts[name] for name in expected}

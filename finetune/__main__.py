@@ -29,8 +29,9 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = DEFAULTS
     parser = argparse.ArgumentParser(
         prog="python -m finetune",
-        description="Fine-tune a pretrained timm model on DATA_DIR (one subfolder per class, or train/ + "
-        "val/) and write a self-describing run folder (model.safetensors, config.json, metrics, plots).",
+        description="Fine-tune a pretrained timm model on DATA_DIR (one subfolder per class, or train/ with "
+        "optional val/ and test/) and write a self-describing run folder (model.safetensors, config.json, "
+        "metrics, plots).",
         add_help=add_help,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -80,7 +81,9 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument("--label-smoothing", type=float, default=d["label_smoothing"], help="label smoothing")
     recipe.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max grad norm; 0 = off")
     recipe.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
-    recipe.add_argument("--ema-decay", type=float, default=d["ema_decay"], help="EMA decay per step")
+    recipe.add_argument(
+        "--ema-decay", type=float, default=d["ema_decay"], help="EMA decay after its warmup (starts at 0)"
+    )
     recipe.add_argument(
         "--balance", choices=BALANCE_MODES, default=d["balance"],
         help="class imbalance: loss weights, a balanced sampler, none, or auto (loss weights past 3x)",
@@ -260,8 +263,15 @@ def _print_summary(result: Any, world_size: int = 1) -> None:
     if metrics:
         print(
             f"Run folder: {result.run_dir}\nStrategy used: {result.strategy_used}; best epoch "
-            f"{metrics['best_epoch']}; val top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f}"
+            f"{metrics['best_epoch']}; val top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f} "
+            "(validation: used to choose the kept weights)"
         )
+        if metrics.get("test_top1") is not None:
+            print(
+                f"Test (test/ folder, {metrics['num_test']} images, never used for training or choosing): "
+                f"top-1 {metrics['test_top1']:.4f}, top-5 {metrics['test_top5']:.4f}, "
+                f"macro F1 {metrics['test_macro_f1']:.4f}"
+            )
     if result.bad_files:
         print(f"Skipped {len(result.bad_files)} unreadable file(s): see {result.run_dir}/bad_files.txt")
 

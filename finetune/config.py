@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 class TrainConfig:
     """Options of `python -m finetune`; flags are kebab-case mirrors of these fields."""
 
-    data_dir: Path  # folder of class subfolders, or with train/ and val/ (or valid/) inside
+    data_dir: Path  # folder of class subfolders, or train/ with optional val/ (or valid/) and test/ beside it
     out: Path  # run folder to write (weights, config, metrics, plots)
     model: str = DEFAULT_MODEL  # any timm architecture name
     weights: str = "auto"  # "auto" (embedded or timm download), "none" (random init) or a weights file
@@ -36,8 +36,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup before the cosine decay
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
-    ema: bool = False  # evaluate and save an exponential moving average of the weights
-    ema_decay: float = 0.998  # EMA decay per step
+    ema: bool = False  # evaluate, keep and save an exponential moving average of the weights (and buffers)
+    ema_decay: float = 0.998  # EMA decay once warmed up (it rises from 0 as 1 - (1 + step) ** -0.75)
     balance: str = "auto"  # auto (loss weights when classes differ 3x or more) | none | loss | sampler
     img_size: int = 0  # square train/eval size; 0 picks from the data (about 2x small images, else native)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)

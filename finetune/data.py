@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 TRAIN_DIR_NAMES = ("train",)
 VAL_DIR_NAMES = ("val", "valid", "validation")
+TEST_DIR_NAMES = ("test",)
+SPLIT_DIR_NAMES = (*TRAIN_DIR_NAMES, *VAL_DIR_NAMES, *TEST_DIR_NAMES)  # top folders of a split layout
+SUBSETS = ("train", "val", "test")
 
 
 @dataclass
@@ -41,18 +44,52 @@ class Sample:
     target: int
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset's subsets live: class folders at the root, or `train/` with optional `val/`, `test/`.
+
+    `test/` is only ever evaluated at the end; without `val/`, validation images are split out of `train/`.
+    """
+
+    root: Path
+    train_dir: Path  # the root itself for plain class folders
+    val_dir: Path | None = None
+    test_dir: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """'folders', 'train', 'train+val', 'train+test' or 'train+val+test' (saved with the run)."""
+        if self.train_dir == self.root:
+            return "folders"
+        return "+".join(["train"] + [n for n, d in (("val", self.val_dir), ("test", self.test_dir)) if d])
+
+    @property
+    def has_val_folder(self) -> bool:
+        return self.val_dir is not None
+
+    def class_roots(self) -> list[Path]:
+        """The folders that hold class subfolders: train, then val and test when present."""
+        return [d for d in (self.train_dir, self.val_dir, self.test_dir) if d is not None]
+
+
 @dataclass
 class DatasetSplit:
-    """Train and validation samples of a class-folder dataset, with class names in index order."""
+    """Train, validation and (optional) test samples of a class-folder dataset, with class names in order."""
 
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
     has_val_folder: bool = False  # True when DATA_DIR had its own val/ folder rather than a split we made
+    test: list[Sample] = field(default_factory=list)  # from a test/ folder: never trained on or selected by
+    layout: str = "folders"  # Layout.name
 
     def class_counts(self, samples: Sequence[Sample] | None = None) -> dict[str, int]:
         counts = Counter(sample.target for sample in (self.train if samples is None else samples))
         return {name: counts.get(index, 0) for index, name in enumerate(self.classes)}
+
+    def subsets(self) -> dict[str, list[Sample]]:
+        """Samples by subset name ('train', 'val', 'test')."""
+        return {"train": self.train, "val": self.val, "test": self.test}
 
 
 @dataclass
@@ -68,30 +105,67 @@ class CachedImages:
         return len(self.targets)
 
 
+def find_layout(data_dir: Path, source: str | None = None) -> Layout:
+    """Decide how DATA_DIR is organised; the one place that knows the folder names (CLI and uploads alike).
+
+    A `train/` folder means split folders: everything else at the top must be `val/` (or `valid/`,
+    `validation/`) or `test/`, and their classes must be classes of `train/`. Without `train/`, the top
+    folders are the classes, and a `val/` or `test/` among them is refused: it would silently become a class
+    (a "test vs the rest" classifier). `source` names the dataset in messages (default: the path).
+    """
+    data_dir = Path(data_dir)
+    where = source or f"'{data_dir}'"
+    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    train_dir = _first_existing(data_dir, TRAIN_DIR_NAMES)
+    val_dir = _first_existing(data_dir, VAL_DIR_NAMES)
+    test_dir = _first_existing(data_dir, TEST_DIR_NAMES)
+    if train_dir is None:
+        split_folders = [p.name for p in (val_dir, test_dir) if p is not None]
+        if split_folders:
+            raise DatasetError(
+                f"{where} has a {split_folders[0]}/ folder but no train/ folder; put the training class "
+                f"folders in train/ (beside {split_folders[0]}/), or rename {split_folders[0]}/ if it is a "
+                "class."
+            )
+        return Layout(root=data_dir, train_dir=data_dir)
+    known = {p.name for p in (train_dir, val_dir, test_dir) if p is not None}
+    extra = [name for name in folders if name not in known]
+    if extra:
+        raise DatasetError(
+            f"{where} has a train/ folder and also {', '.join(repr(n) for n in extra[:5])}; with train/, "
+            "every class folder goes inside train/ (and val/ or test/); move or remove the others."
+        )
+    classes = set(_folder_names(train_dir))
+    for other in (val_dir, test_dir):
+        unknown = sorted(set(_folder_names(other)) - classes) if other is not None else []
+        if unknown:
+            raise DatasetError(
+                f"the {other.name}/ folder of {where} has classes that train/ lacks: "
+                f"{', '.join(unknown[:5])}; give every class images in train/."
+            )
+    return Layout(root=data_dir, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir)
+
+
 def scan_dataset(data_dir: Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
-    """Find classes and images; use `train/` + `val/` when present, else make a stratified, seeded split."""
+    """Find classes and images by `find_layout`; without a val/ folder, make a stratified, seeded split."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DatasetError(f"dataset folder '{data_dir}' does not exist.")
     if not data_dir.is_dir():
         raise DatasetError(f"'{data_dir}' is a file; pass a folder with one subfolder per class.")
-    train_dir = _first_existing(data_dir, TRAIN_DIR_NAMES)
-    val_dir = _first_existing(data_dir, VAL_DIR_NAMES)
-    if train_dir and val_dir:
-        classes = _class_names(train_dir)
-        val_classes = _class_names(val_dir)
-        unknown = sorted(set(val_classes) - set(classes))
-        if unknown:
-            raise DatasetError(f"'{val_dir}' has classes not in '{train_dir}': {', '.join(unknown[:5])}.")
-        train = _samples(train_dir, classes)
-        val = _samples(val_dir, classes)
-        _require_images(train_dir, classes, train)
-        return DatasetSplit(classes=classes, train=train, val=val, has_val_folder=True)
-    classes = _class_names(data_dir)
-    samples = _samples(data_dir, classes)
-    _require_images(data_dir, classes, samples)
-    train, val = stratified_split(samples, val_fraction, seed)
-    return DatasetSplit(classes=classes, train=train, val=val)
+    layout = find_layout(data_dir)
+    classes = _class_names(layout.train_dir)
+    samples = _samples(layout.train_dir, classes)
+    _require_images(layout.train_dir, classes, samples)
+    if layout.val_dir is not None:
+        train, val = samples, _samples(layout.val_dir, classes)
+    else:
+        train, val = stratified_split(samples, val_fraction, seed)
+    test = _samples(layout.test_dir, classes) if layout.test_dir is not None else []
+    return DatasetSplit(
+        classes=classes, train=train, val=val, has_val_folder=layout.has_val_folder, test=test,
+        layout=layout.name,
+    )  # fmt: skip
 
 
 def stratified_split(
@@ -230,6 +304,10 @@ def _first_existing(root: Path, names: Sequence[str]) -> Path | None:
         if (root / name).is_dir():
             return root / name
     return None
+
+
+def _folder_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _class_names(root: Path) -> list[str]:

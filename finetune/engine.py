@@ -8,6 +8,7 @@ validation accuracy of a distributed run is that of the whole validation set.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
 from finetune.augment import augment, normalize
 from finetune.data import CachedImages, batches
 from finetune.distributed import DistContext
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,13 +80,28 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested == "fp32":
         return Precision(device, None)
     if device.type == "cuda":
-        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
-            return Precision(device, torch.float16)
-        return Precision(device, torch.bfloat16)
+        return Precision(device, cuda_autocast_dtype(requested, torch.cuda.get_device_capability(device)))
     if requested == "fp16":
         return Precision(device, None)  # CPU fp16 autocast is slower than fp32; treat as fp32
     bf16_ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
     return Precision(device, torch.bfloat16 if bf16_ok else None)
+
+
+def cuda_autocast_dtype(requested: str, capability: tuple[int, int]) -> torch.dtype:
+    """bf16 only on GPUs that have it natively (compute capability 8.0+: A100, RTX 30xx, H100), else fp16.
+
+    `torch.cuda.is_bf16_supported()` also says yes on T4 and V100 (7.x), which only emulate bf16, slowly;
+    fp16 runs on their tensor cores and, with a GradScaler, trains as well. An explicit `bf16` is obeyed.
+    """
+    if requested == "fp16":
+        return torch.float16
+    if requested == "bf16":
+        if capability < (8, 0):
+            logger.warning(
+                "This GPU (compute capability %d.%d) only emulates bf16; fp16 is faster.", *capability
+            )
+        return torch.bfloat16
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
 def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -137,20 +155,34 @@ def fit_linear_probe(
     epochs: int,
     class_weights: torch.Tensor | None = None,
     seed: int = 0,
+    label_smoothing: float = 0.0,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.nn.Linear:
-    """A linear classifier on frozen features: AdamW + cosine decay, seconds even for thousands of images."""
+    """A linear classifier on frozen features: AdamW + cosine decay, seconds even for thousands of images.
+
+    It takes the fine-tuning loss (same class weights, same label smoothing) and, with `sample_weights`, draws
+    each epoch's images in proportion to them as the fine-tuning sampler does, so the probe and the
+    fine-tuned model are trained for, and compared on, the same thing.
+    """
     generator = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(train_features.shape[1], num_classes)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
     batch_size = 256
-    steps = epochs * -(-len(train_targets) // batch_size)
+    count = len(train_targets)
+    steps = epochs * -(-count // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     for _ in range(epochs):
-        order = torch.randperm(len(train_targets), generator=generator)
+        if sample_weights is not None:
+            order = torch.multinomial(sample_weights, count, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(count, generator=generator)
         for index in torch.split(order, batch_size):
-            loss = F.cross_entropy(head(train_features[index]), train_targets[index], weight=class_weights)
+            loss = F.cross_entropy(
+                head(train_features[index]), train_targets[index], weight=class_weights,
+                label_smoothing=label_smoothing,
+            )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -165,47 +197,63 @@ def probe_metrics(head: torch.nn.Linear, features: torch.Tensor, targets: torch.
     return _metrics_from_logits(logits, targets, keep_predictions=True)
 
 
+@dataclass(frozen=True)
+class EpochSettings:
+    """What stays the same across a run's fine-tuning epochs; `train_one_epoch` reads nothing else."""
+
+    precision: Precision
+    dist: DistContext
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int  # per process
+    seed: int = 0
+    clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    hflip: bool = False
+    freeze_bn: bool = True
+    sample_weights: torch.Tensor | None = None  # class-balanced sampling when set
+
+
+@dataclass
+class Optimization:
+    """The objects one update step changes: optimizer and schedule, loss, optional EMA and grad scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    ema: Any = None
+    grad_scaler: Any = None
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     data: CachedImages,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loss_fn: torch.nn.Module,
-    precision: Precision,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    settings: EpochSettings,
+    opt: Optimization,
     epoch: int,
-    batch_size: int,
-    seed: int,
-    dist: DistContext,
     num_updates: int = 0,
-    clip_grad: float = 0.0,
-    hflip: bool = False,
-    ema: Any = None,
-    grad_scaler: Any = None,
-    sample_weights: torch.Tensor | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     should_stop: StopCheck | None = None,
-    freeze_bn: bool = True,
 ) -> tuple[dict[str, float], int, bool]:
     """One pass over this rank's shard; returns (train metrics, updates done so far, was it stopped early)."""
+    s, dist, precision = settings, settings.dist, settings.precision
+    optimizer, grad_scaler = opt.optimizer, opt.grad_scaler
     model.train()
-    _keep_norms_in_eval(model, every_norm=freeze_bn)
+    _keep_norms_in_eval(model, every_norm=s.freeze_bn)
     # Seeded per epoch so a resumed run repeats its epochs; per rank too, or every process would draw the same
     # augmentations and dropout masks for its images (rank 0 keeps the stream of a one-process run).
-    epoch_seed = seed * 7919 + epoch + dist.rank * 1_000_003
+    epoch_seed = s.seed * 7919 + epoch + dist.rank * 1_000_003
     generator = torch.Generator().manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed)  # dropout / drop-path repeat on resume
     shard = list(
         iterate_batches(
             data,
-            batch_size,
+            s.batch_size,
             dist,
             shuffle=True,
-            seed=seed,
+            seed=s.seed,
             epoch=epoch,
             drop_last=True,
-            sample_weights=sample_weights,
+            sample_weights=s.sample_weights,
         )
     )
     total_loss = total_correct = total_seen = 0.0
@@ -215,29 +263,29 @@ def train_one_epoch(
         if should_stop is not None and dist.any_true(should_stop()):
             stopped = True
             break
-        inputs = augment(pixels, mean, std, generator, hflip=hflip).to(precision.device)
+        inputs = augment(pixels, s.mean, s.std, generator, hflip=s.hflip).to(precision.device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(precision.device)
         with precision.autocast():
             logits = model(inputs)
-            loss = loss_fn(logits.float(), targets)
+            loss = opt.loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         if grad_scaler is not None:
             grad_scaler.scale(loss).backward()
             grad_scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
+        if s.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.clip_grad)
         if grad_scaler is not None:
             grad_scaler.step(optimizer)
             grad_scaler.update()
         else:
             optimizer.step()
         num_updates += 1
-        scheduler.step_update(num_updates=num_updates)
-        if ema is not None:
-            ema.update(model, step=num_updates)
+        opt.scheduler.step_update(num_updates=num_updates)
+        if opt.ema is not None:
+            opt.ema.update(model, step=num_updates)
         total_loss += loss.item() * len(targets)
         total_correct += (logits.argmax(dim=1) == targets).sum().item()
         total_seen += len(targets)

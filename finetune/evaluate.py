@@ -2,15 +2,18 @@
 
 DATA_DIR is a folder of class subfolders named like the run's labels (a subset is fine). Images go through the
 same loader and classifier as `finetune.predict` and the app, so the numbers describe what users will get.
+When DATA_DIR is the run's own dataset, only the images it held out are evaluated (its recorded test split
+when it had a test/ folder, else its validation split, from split.json), so training images never count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +21,11 @@ from finetune.cli import configure_logging, run_cli
 from finetune.errors import DatasetError
 from finetune.images import is_image_file
 from finetune.inference import add_inference_arguments
+
+if TYPE_CHECKING:
+    from finetune.checkpoint import LoadedRun
+
+logger = logging.getLogger(__name__)
 
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -59,6 +67,39 @@ def labelled_files(data_dir: Path, labels: list[str]) -> list[tuple[Path, int]]:
     return files
 
 
+def held_out_files(run: LoadedRun, data_dir: Path) -> tuple[list[tuple[Path, int]], str] | None:
+    """The run's held-out files when DATA_DIR is its own dataset: recorded test split, else validation.
+
+    None when DATA_DIR is another folder. Files changed or removed since training are left out, with a
+    warning; none left is a `DatasetError`.
+    """
+    from finetune.split import read_split
+
+    record = read_split(run.run_dir) if run.run_dir is not None else None
+    if record is None or not record.is_dataset(data_dir):
+        trained_on = (run.studio.get("train_config") or {}).get("data_dir")
+        if record is None and trained_on and Path(trained_on).resolve() == Path(data_dir).resolve():
+            logger.warning(
+                "%s is the folder this run trained on and the run has no recorded split: the scores include "
+                "images it was trained on.", data_dir,
+            )  # fmt: skip
+        return None
+    subset = "test" if any(f.subset == "test" for f in record.files) else "val"
+    recorded = record.samples(subset)
+    samples = record.unchanged(recorded)
+    if len(samples) < len(recorded):
+        logger.warning(
+            "%d of the run's %s images changed or went missing since training; evaluating the %d unchanged.",
+            len(recorded) - len(samples), subset, len(samples),
+        )  # fmt: skip
+    if not samples:
+        raise DatasetError(
+            f"none of the run's recorded {subset} images in '{data_dir}' is still as it was at training; "
+            "evaluate on another labelled folder."
+        )
+    return [(sample.path, sample.target) for sample in samples], subset
+
+
 def evaluate_folder(
     data_dir: Path, checkpoint: str, batch_size: int = 32, runtime: str = "auto", tta: str | None = None
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
@@ -66,11 +107,12 @@ def evaluate_folder(
     from finetune.checkpoint import load_run
     from finetune.errors import ImageError
     from finetune.inference import create_classifier, parse_tta
-    from finetune.reports import classification_report, confusion_matrix
+    from finetune.reports import classes_without_images, classification_report, confusion_matrix
 
     run = load_run(checkpoint)
     classifier = create_classifier(run, runtime=runtime, batch_size=batch_size)
-    files = labelled_files(data_dir, run.labels)
+    held_out = held_out_files(run, data_dir)
+    files, subset = held_out if held_out is not None else (labelled_files(data_dir, run.labels), "folder")
     scales = parse_tta(tta)
     probs_parts, targets, bad = [], [], []
     for start in range(0, len(files), batch_size):
@@ -90,13 +132,16 @@ def evaluate_folder(
     target_array = np.array(targets)
     ranked = np.argsort(-probs, axis=1)[:, :5]
     matrix = confusion_matrix(target_array, ranked[:, 0], len(run.labels))
+    report = classification_report(matrix, run.labels)
     metrics = {
         "top1": float((ranked[:, 0] == target_array).mean()),
         "top5": float((ranked == target_array[:, None]).any(axis=1).mean()),
         "n": int(len(target_array)),
-        "per_class": classification_report(matrix, run.labels),
+        "per_class": report,
+        "classes_without_images": classes_without_images(report),  # left out of the macro averages
         "bad_files": bad,
         "checkpoint": str(checkpoint),
+        "subset": subset,  # "folder" (all of DATA_DIR), or the run's recorded "test" / "val" split
     }
     return metrics, matrix, run.labels
 
@@ -119,8 +164,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         json.dump(metrics, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  on {metrics['n']} images\n")
+    subset = {"test": " (the run's held-out test split)", "val": " (the run's validation split)"}
+    print(
+        f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  on {metrics['n']} images"
+        f"{subset.get(metrics['subset'], '')}\n"
+    )
     print(format_report(metrics["per_class"]))
+    if metrics["classes_without_images"]:
+        missing = ", ".join(metrics["classes_without_images"])
+        print(f"macro averages leave out classes without images here: {missing}")
     if len(labels) <= 20:
         width = max(len(label) for label in labels)
         print("confusion matrix (rows: true, columns: predicted)")

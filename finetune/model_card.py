@@ -112,15 +112,24 @@ def validation_scores(config: dict[str, Any], report: dict[str, Any]) -> list[Sc
     return scores
 
 
+def test_scores(config: dict[str, Any]) -> list[Score]:
+    """Scores on the dataset's test/ folder (never used for training or for choosing the weights), if any."""
+    metrics = (config.get("studio") or {}).get("metrics") or {}
+    scores = []
+    if _is_number(metrics.get("test_top1")):
+        scores.append(Score("accuracy", "Top-1 accuracy", _fraction(metrics["test_top1"])))
+    if _is_number(metrics.get("test_top5")) and int(config.get("num_classes", 0)) > 5:
+        scores.append(Score("top_5_accuracy", "Top-5 accuracy", _fraction(metrics["test_top5"])))
+    if _is_number(metrics.get("test_macro_f1")):
+        scores.append(Score("f1", "Macro F1", float(metrics["test_macro_f1"]), metric_config="macro"))
+    return scores
+
+
 def card_metadata(
     config: dict[str, Any], report: dict[str, Any], name: str, license_id: str | None = None
 ) -> ModelCardData:
     """The Hub metadata: library, tags, license, base model and a model-index with the validation scores."""
-    dataset = {
-        "dataset_type": "imagefolder",
-        "dataset_name": _dataset_name(config),
-        "dataset_split": "validation",
-    }
+    by_split = (("test", test_scores(config)), ("validation", validation_scores(config, report)))
     results = [
         EvalResult(
             task_type="image-classification",
@@ -129,9 +138,12 @@ def card_metadata(
             metric_name=score.name,
             metric_value=round(score.value, 4),
             metric_config=score.metric_config,
-            **dataset,
+            dataset_type="imagefolder",
+            dataset_name=_dataset_name(config),
+            dataset_split=split,
         )
-        for score in validation_scores(config, report)
+        for split, scores in by_split
+        for score in scores
     ]
     return ModelCardData(
         library_name="timm",
@@ -189,6 +201,7 @@ def _overview(config: dict[str, Any], name: str) -> str:
     if "num_train" in dataset:
         facts.append(
             f"- **Images:** {dataset['num_train']} for training, {dataset.get('num_val', '?')} for validation"
+            + (f", {dataset['num_test']} for testing" if dataset.get("num_test") else "")
         )
     intro = (
         f"An image classifier that tells apart {len(labels)} classes, fine-tuned with Image Recognition "
@@ -207,7 +220,18 @@ def _results(config: dict[str, Any], report: dict[str, Any], run_dir: Path) -> s
         rows.append(("Best epoch (weights kept)", str(metrics["best_epoch"])))
     if metrics.get("strategy_used"):
         rows.append(("Strategy", _code(metrics["strategy_used"])))
-    lines = ["## Results on the validation set"]
+    lines = []
+    tests = [(score.name, f"{score.value:.1%}") for score in test_scores(config)]
+    if tests:
+        lines.append(
+            f"## Results on the test set\n\n{metrics.get('num_test', 'The')} images of the dataset's `test/` "
+            "folder, never used for training or for choosing the weights: the estimate to expect on "
+            "similar images.\n\n" + _table(("Metric", "Value"), tests)
+        )
+    lines.append(
+        "## Results on the validation set\n\nThese images chose the kept weights (the best epoch, and probe "
+        "or fine-tuning), so they flatter the model a little."
+    )
     lines.append(
         _table(("Metric", "Value"), rows) if rows else "No validation metrics were recorded for this run."
     )
@@ -304,6 +328,7 @@ def _files(run_dir: Path) -> str:
         CONFIG_FILE: "timm config: architecture, labels, preprocessing, training record",
         METRICS_FILE: "per-epoch training history",
         REPORT_FILE: "per-class precision, recall and F1 on the validation set",
+        "test_" + REPORT_FILE: "per-class precision, recall and F1 on the test set",
         CURVES_FILE: "loss and accuracy curves",
         CONFUSION_FILE: "confusion matrix on the validation set",
     }

@@ -24,14 +24,15 @@ from pathlib import Path
 from finetune.checkpoint import HUB_FILES, HUB_PREFIX, STATE_META_FILE, load_run
 from finetune.errors import ConfigError, StudioError
 from finetune.model_card import CARD_FILE, is_repo_id, write_model_card
+from finetune.split import SPLIT_FILE
 
 logger = logging.getLogger(__name__)
 
 DRY_RUN_SUFFIX = "-hub"
 DRY_RUN_MARKER = ".hub-upload"  # marks a folder we wrote (a dry run's), so a later dry run may replace it
 # Files of a run folder that never go to the Hub: resumable state (optimizer moments: large, private to
-# training) and the local card, which is rewritten for the repository.
-EXCLUDED_FILES = (STATE_META_FILE, CARD_FILE)
+# training), the local card, which is rewritten for the repository, and the split (the local dataset's paths).
+EXCLUDED_FILES = (STATE_META_FILE, CARD_FILE, SPLIT_FILE)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ experiment on 231 crops of packaged photos, all 71 that FP32 gave >= 0.5 did), b
 classes can change places, so the exact FP32 export stays the default and INT8 is written only after a check:
 
 - calibration: static QDQ quantization (per-channel INT8 weights, UINT8 activations, min-max ranges) on up to
-  `MAX_CALIBRATION` training images of the run, round-robin over classes, when the run's dataset is still
-  where it was trained; otherwise on zoomed and mirrored views of the check photos;
+  `MAX_CALIBRATION` training images of the run's recorded split (split.json), round-robin over classes, when
+  those files are still where and as they were; otherwise on zoomed and mirrored views of the check photos;
 - check: top-1 agreement with the FP32 export on up to `MAX_CHECK` held-out validation images (and the
   top-1 accuracy of both, since their labels are known), or on the original photos; below
   `MIN_TOP1_AGREEMENT`, or more than `MAX_ACCURACY_DROP` accuracy lost, nothing is written.
@@ -34,11 +34,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from finetune.checkpoint import LoadedRun
-from finetune.config import TrainConfig
-from finetune.data import Sample, scan_dataset
+from finetune.data import Sample
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
 from finetune.images import open_image
 from finetune.inference import META_PRECISION, OnnxClassifier, compare_runtimes, has_module
+from finetune.split import SPLIT_FILE, read_split
 
 logger = logging.getLogger(__name__)
 
@@ -168,30 +168,39 @@ def _accuracy_drop(report: Int8Report) -> float:
 
 
 def _run_dataset_images(run: LoadedRun, seed: int) -> QuantizationImages | None:
-    """Calibration images from the run's training split and check images from its validation split."""
-    config = run.studio.get("train_config") or {}
-    if not config.get("data_dir"):
+    """Calibration images from the run's recorded training split, check images from its validation split.
+
+    The split is read from the run's split.json, never recomputed from the folder (a file added since would
+    move training images into the check); files changed or removed since training are left out.
+    """
+    record = read_split(run.run_dir) if run.run_dir is not None else None
+    if record is None:
+        logger.info("The run has no recorded split (%s); calibrating on photos", SPLIT_FILE)
         return None
-    try:  # the same split as training
-        val_fraction = float(config.get("val_fraction", TrainConfig.val_fraction))
-        split_seed = int(config.get("seed", TrainConfig.seed))
-        split = scan_dataset(Path(config["data_dir"]), val_fraction, split_seed)
-    except (StudioError, TypeError, ValueError) as error:
-        logger.info("The run's dataset is not available for INT8 calibration (%s); using photos", error)
+    if record.classes != list(run.labels):
+        logger.info("The run's recorded split does not match its labels; calibrating on photos")
         return None
-    if split.classes != list(run.labels) or not split.val:
-        logger.info("The dataset at %s no longer matches the run; calibrating on photos", config["data_dir"])
-        return None
-    calibration = _open_all(_round_robin(split.train, MAX_CALIBRATION, seed))
-    check_samples = _round_robin(split.val, MAX_CHECK, seed)
-    opened = [(sample, _try_open(sample.path)) for sample in check_samples]
-    kept = [(sample, image) for sample, image in opened if image is not None]
-    if not calibration or not kept:
+    candidates = {
+        "train": _round_robin(record.samples("train"), MAX_CALIBRATION, seed),
+        "val": _round_robin(record.samples("val"), MAX_CHECK, seed),
+    }
+    kept = {subset: record.unchanged(samples) for subset, samples in candidates.items()}
+    changed = sum(len(candidates[s]) - len(kept[s]) for s in candidates)
+    if changed:
+        logger.warning(
+            "%d of the run's images changed or went missing since training (%s); the INT8 check uses only "
+            "the unchanged ones", changed, record.data_dir,
+        )  # fmt: skip
+    calibration = _open_all(kept["train"])
+    opened = [(sample, _try_open(sample.path)) for sample in kept["val"]]
+    checked = [(sample, image) for sample, image in opened if image is not None]
+    if not calibration or not checked:
+        logger.info("No unchanged images of the run's split are left in %s; using photos", record.data_dir)
         return None
     return QuantizationImages(
         calibration=calibration,
-        check=[image for _, image in kept],
-        check_targets=[sample.target for sample, _ in kept],
+        check=[image for _, image in checked],
+        check_targets=[sample.target for sample, _ in checked],
         source="held-out validation images",
     )
 

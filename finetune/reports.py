@@ -28,7 +28,12 @@ def confusion_matrix(targets: Sequence[int], predictions: Sequence[int], num_cla
 
 
 def classification_report(matrix: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support per class, plus macro and weighted averages."""
+    """Precision, recall, F1 and support per class, plus macro and weighted averages.
+
+    The macro average is over the classes that have images in this set: a class with none has no recall to
+    speak of, and counting it as 0 (scikit-learn's default) would make perfect predictions score below 1.
+    `classes_without_images` names the classes left out.
+    """
     true_positive = np.diag(matrix).astype(float)
     predicted = matrix.sum(axis=0).astype(float)
     support = matrix.sum(axis=1).astype(float)
@@ -45,8 +50,9 @@ def classification_report(matrix: np.ndarray, labels: Sequence[str]) -> dict[str
             "support": int(support[index]),
         }
     total = max(support.sum(), 1.0)
+    present = support > 0
     for name, weights in (
-        ("macro avg", np.ones_like(support) / len(labels)),
+        ("macro avg", present / max(present.sum(), 1)),
         ("weighted avg", support / total),
     ):
         report[name] = {
@@ -56,6 +62,11 @@ def classification_report(matrix: np.ndarray, labels: Sequence[str]) -> dict[str
             "support": int(support.sum()),
         }
     return report
+
+
+def classes_without_images(report: dict[str, dict[str, float]]) -> list[str]:
+    """Classes of a `classification_report` that had no image in the evaluated set (left out of macro)."""
+    return [name for name, row in report.items() if not name.endswith(" avg") and row["support"] == 0]
 
 
 def format_report(report: dict[str, dict[str, float]]) -> str:
@@ -72,12 +83,18 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(run_dir: Path, matrix: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    """classification_report.json/.txt and confusion_matrix.png for the final model."""
+def write_reports(
+    run_dir: Path, matrix: np.ndarray, labels: Sequence[str], prefix: str = ""
+) -> dict[str, dict[str, float]]:
+    """classification_report.json/.txt and confusion_matrix.png for the final model.
+
+    `prefix` "test_" writes the test set's reports beside the validation ones.
+    """
     report = classification_report(matrix, labels)
-    write_json(run_dir / REPORT_JSON, report)
-    atomic_write(run_dir / REPORT_TEXT, lambda tmp: tmp.write_text(format_report(report), encoding="utf-8"))
-    plot_confusion_matrix(matrix, labels, run_dir / CONFUSION_PNG)
+    write_json(run_dir / f"{prefix}{REPORT_JSON}", report)
+    text = format_report(report)
+    atomic_write(run_dir / f"{prefix}{REPORT_TEXT}", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    plot_confusion_matrix(matrix, labels, run_dir / f"{prefix}{CONFUSION_PNG}")
     return report
 
 

@@ -5,7 +5,8 @@ few seconds, and a strong baseline on small data); then, when the strategy and t
 fine-tune the whole network from that head with layer-wise learning-rate decay, warmup + cosine, label
 smoothing and early stopping. The best validation checkpoint of any phase is kept, so `auto` never ends worse
 than the probe. Every epoch leaves a resumable state; a stop request (Ctrl-C, the app's Cancel) ends cleanly
-at a batch edge.
+at a batch edge. The split is recorded in split.json and reused on resume; a test/ folder is scored once, at
+the end, by the kept model, and never takes part in choosing it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from finetune import checkpoint, reports
 from finetune.config import TrainConfig
 from finetune.data import (
     CachedImages,
+    DatasetSplit,
     batches,
     build_cache,
     scan_dataset,
@@ -35,8 +37,10 @@ from finetune.data import (
 )
 from finetune.distributed import DistContext, init_distributed
 from finetune.engine import (
+    EpochSettings,
     EvalResult,
     EventCallback,
+    Optimization,
     Precision,
     StopCheck,
     TrainEvent,
@@ -55,12 +59,23 @@ from finetune.modeling import (
     resolve_model_data_config,
     split_eval_transform,
 )
+from finetune.split import (
+    SPLIT_FILE,
+    compare_with_folder,
+    read_split,
+    record_split,
+    warn_about_classes,
+    write_split,
+)
 
 logger = logging.getLogger(__name__)
 
 BAD_FILES = "bad_files.txt"
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 180
 BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
+# EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
+# 180, so a short run's average follows training instead of keeping ~70% of the starting weights
+EMA_WARMUP_POWER = 0.75
 
 
 @dataclass
@@ -92,6 +107,7 @@ class _Run:
     train: CachedImages
     val: CachedImages
     studio: dict[str, Any]
+    test: CachedImages | None = None  # a test/ folder: evaluated once at the end, never used to choose
     class_weights: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -110,7 +126,11 @@ def fine_tune(
     dist: DistContext | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train `config.model` on `config.data_dir` into `config.out`; `resume` continues a saved state."""
+    """Train `config.model` on `config.data_dir` into `config.out`; `resume` continues a saved state.
+
+    The time budget and `wall_s` count from here: scanning and decoding are part of the run.
+    """
+    started = time.perf_counter()
     dist = dist or init_distributed(config.device)
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
@@ -123,7 +143,8 @@ def fine_tune(
     else:  # on every process (rank 0 writes nothing before they all meet), so all of them stop with the error
         _check_new_run_dir(config.out)
     _check_batch_split(config.batch_size, dist.world_size)
-    run = _prepare(config, dist, emit, stop)
+    run = _prepare(config, dist, emit, stop, resume=state is not None)
+    run.started = started
     if state is not None:
         _restore(run, state)
     phase_done = state["phase"] if state is not None else None
@@ -137,9 +158,11 @@ def fine_tune(
     return _finish(run, interrupted)
 
 
-def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: StopCheck) -> _Run:
+def _prepare(
+    config: TrainConfig, dist: DistContext, emit: EventCallback, stop: StopCheck, resume: bool = False
+) -> _Run:
     emit(TrainEvent("status", message=f"Scanning {config.data_dir}"))
-    split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
+    split = _dataset_split(config, dist, resume)
     if not split.val:
         raise DatasetError(
             f"'{config.data_dir}' leaves no validation image: give some class at least 2 images "
@@ -155,7 +178,9 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
     draft = draft_size_for(data_config)  # decode as inference does, so both see the same pixels
     cache_dir = config.cache_dir or (config.out / ".cache")
     caches = {}
-    for name, samples in (("train", split.train), ("val", split.val)):
+    for name, samples in split.subsets().items():
+        if not samples:  # only test/ may be absent
+            continue
         emit(
             TrainEvent(
                 "status", phase="cache", message=f"Decoding {len(samples)} {name} images at {image_size} px"
@@ -176,8 +201,14 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
             caches[name] = build_cache(
                 samples, geometric, image_size, path, config.workers or None, None, draft
             )
-    bad = caches["train"].bad_files + caches["val"].bad_files
+    bad = [file for cache in caches.values() for file in cache.bad_files]
     _check_usable(split.classes, caches["train"], bad, config.data_dir)
+    warnings = warn_about_classes(
+        split.classes, caches["train"].targets.tolist(), caches["val"].targets.tolist()
+    )
+    for warning in warnings:
+        logger.warning("%s", warning)
+        emit(TrainEvent("status", message=f"Warning: {warning}"))
     precision = resolve_precision(config.precision, dist.device)
     model.to(dist.device).to(memory_format=torch.channels_last)
     counts = np.bincount(caches["train"].targets.numpy(), minlength=len(split.classes))
@@ -188,7 +219,10 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
         "dataset": {
             "num_train": len(caches["train"]),
             "num_val": len(caches["val"]),
+            "num_test": len(caches["test"]) if "test" in caches else 0,
+            "layout": split.layout,
             "has_val_folder": split.has_val_folder,
+            "warnings": warnings,
             "class_counts": {label: int(n) for label, n in zip(split.classes, counts, strict=True)},
             "num_bad_files": len(bad),
             "image_size": image_size,
@@ -200,7 +234,7 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
     run = _Run(
         config=config, dist=dist, emit=emit, should_stop=stop, precision=precision, model=model,
         labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
-        val=caches["val"], studio=studio,
+        val=caches["val"], studio=studio, test=caches.get("test"),
     )  # fmt: skip
     _set_balance(run, counts)
     if bad and dist.is_main:
@@ -211,6 +245,34 @@ def _prepare(config: TrainConfig, dist: DistContext, emit: EventCallback, stop: 
         )  # fmt: skip
     emit(TrainEvent("status", message=_describe(run)))
     return run
+
+
+def _dataset_split(config: TrainConfig, dist: DistContext, resume: bool) -> DatasetSplit:
+    """A new run scans DATA_DIR and records the split in split.json; a resumed run reuses that record.
+
+    Recomputing the split on resume would reshuffle any class whose files changed and move trained-on images
+    into validation, so a dataset that changed since the run started is refused with what changed.
+    """
+    record = read_split(config.out) if resume else None
+    if record is not None:
+        changes = compare_with_folder(record, config.val_fraction, config.seed, config.workers or None)
+        if changes:
+            raise DatasetError(
+                f"the dataset '{record.data_dir}' changed since this run started: {changes.describe()}. "
+                "Resuming would train and validate on other images than the run so far (images could move "
+                "between training and validation); restore the files, or start a new run on the dataset as "
+                f"it is now: python -m finetune {record.data_dir} --out NEW_RUN_DIR."
+            )
+        return record.to_split()
+    if resume:
+        logger.warning(
+            "%s has no %s (saved by an older version): recomputing the split from the folder, which only "
+            "matches the first one if no file was added, removed or renamed since.", config.out, SPLIT_FILE,
+        )  # fmt: skip
+    split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
+    if dist.is_main and not resume:
+        write_split(config.out, record_split(split, config.data_dir, config.workers or None))
+    return split
 
 
 def _check_usable(
@@ -291,7 +353,7 @@ def _linear_probe(run: _Run) -> bool:
         return True
     head = fit_linear_probe(
         train_features, run.train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
-        run.config.seed,
+        run.config.seed, label_smoothing=run.config.label_smoothing, sample_weights=run.sample_weights,
     )  # fmt: skip
     # Same features and seed give the same head everywhere; rank 0's copy makes it exact across machines.
     run.dist.broadcast_([head.weight, head.bias])
@@ -330,12 +392,22 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         return False
     scheduler = _make_scheduler(optimizer, lr, epochs, steps_per_epoch, config.warmup_epochs)
     ddp_model = _wrap_distributed(model, run.dist)
-    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
-    scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
-    loss_fn = torch.nn.CrossEntropyLoss(
+    ema = (
+        ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
+        if config.ema
+        else None
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(  # the probe's loss too (fit_linear_probe)
         weight=None if run.class_weights is None else run.class_weights.to(run.dist.device),
         label_smoothing=config.label_smoothing,
     )
+    scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
+    opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler)
+    settings = EpochSettings(
+        precision=run.precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
+        seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
+        sample_weights=run.sample_weights,
+    )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -350,11 +422,8 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
             run.emit(TrainEvent("step", "finetune", epoch, epochs, step, steps, metrics))
 
         train_metrics, num_updates, stopped = train_one_epoch(
-            ddp_model, run.train, optimizer, scheduler, loss_fn, run.precision, run.mean, run.std, epoch,
-            rank_batch, config.seed, run.dist, num_updates,
-            config.clip_grad, config.hflip, ema, scaler, run.sample_weights, on_step, run.should_stop,
-            config.freeze_bn,
-        )  # fmt: skip
+            ddp_model, run.train, settings, opt, epoch, num_updates, on_step, run.should_stop
+        )
         if stopped:
             return True
         eval_model = ema.module if ema is not None else model
@@ -444,7 +513,11 @@ def _wrap_distributed(model: torch.nn.Module, dist: DistContext) -> torch.nn.Mod
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
-    """Higher top-1 wins; on a tie, the lower validation loss."""
+    """Higher top-1 wins; on a tie, the lower validation loss.
+
+    The probe and fine-tuning are trained on the same loss (class weights, label smoothing, sampler) and
+    scored with the same plain cross-entropy, so a tie is not decided by which phase smoothed its labels.
+    """
     if not best:
         return True
     if row["val_top1"] != best["val_top1"]:
@@ -490,6 +563,7 @@ def _studio(run: _Run) -> dict[str, Any]:
         "val_loss": best.get("val_loss"),
         "best_epoch": best.get("epoch"),
         "strategy_used": "linear" if best.get("phase") == "probe" else _fine_tune_name(run.config.strategy),
+        "selected_on": "validation top-1, then validation loss",  # what chose the kept weights
         "epochs_run": max((row["epoch"] for row in run.history), default=0),
         "wall_s": time.perf_counter() - run.started,
     }
@@ -529,8 +603,12 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
 
 
 def _finish(run: _Run, interrupted: bool) -> TrainResult:
-    """Evaluate the best checkpoint once more for reports; write the final config and plots."""
-    bad = run.train.bad_files + run.val.bad_files
+    """Evaluate the kept checkpoint once more for reports, and once on test/ when there is one.
+
+    The validation scores chose the kept weights, so they flatter it a little; test/ took no part in training
+    or in that choice, so its scores are the unbiased estimate.
+    """
+    bad = [file for cache in (run.train, run.val, run.test) if cache is not None for file in cache.bad_files]
     if not run.best:
         return TrainResult(run.run_dir, {}, run.history, "none", interrupted, bad)
     studio = _studio(run)
@@ -546,7 +624,10 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
         report = reports.write_reports(run.run_dir, matrix, run.labels)
         studio["metrics"].update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
         studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
+        if run.test is not None and len(run.test):
+            studio["metrics"].update(_test_metrics(run, best.model, fp32))
         studio["metrics"]["interrupted"] = interrupted
+        studio["metrics"]["wall_s"] = time.perf_counter() - run.started
         checkpoint.save_run(run.run_dir, best.model, run.labels, run.data_config, studio)
         reports.write_history(run.run_dir, run.history)
         write_model_card(run.run_dir)
@@ -560,6 +641,25 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     )
 
 
+def _test_metrics(run: _Run, model: torch.nn.Module, precision: Precision) -> dict[str, Any]:
+    """Scores of the kept model on test/, with its own per-class report (test_classification_report.*)."""
+    assert run.test is not None
+    result = evaluate(model, run.test, run.mean, run.std, precision, DistContext(device=run.dist.device),
+                      keep_predictions=True)  # fmt: skip
+    matrix = reports.confusion_matrix(result.targets.tolist(), result.predictions.tolist(), len(run.labels))
+    report = reports.write_reports(run.run_dir, matrix, run.labels, prefix="test_")
+    missing = reports.classes_without_images(report)
+    if missing:
+        logger.warning("Test macro averages leave out classes without test images: %s", ", ".join(missing))
+    return {
+        "test_top1": result.top1,
+        "test_top5": result.top5,
+        "test_loss": result.loss,
+        "test_macro_f1": report["macro avg"]["f1"],
+        "num_test": result.count,
+    }
+
+
 def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
     loaded = checkpoint.read_run_config(config.out)
     metrics = loaded.get("studio", {}).get("metrics", {})
@@ -569,7 +669,9 @@ def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
 def _describe(run: _Run) -> str:
     data = run.studio["dataset"]
     return (
-        f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val images at "
+        f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val"
+        + (f" / {data['num_test']} test (evaluated once, at the end)" if data.get("num_test") else "")
+        + f" images at "
         f"{data['image_size']} px; {run.config.model} ({run.studio['weights_source']}) on {run.dist.device}, "
         f"{run.precision.name}"
     )

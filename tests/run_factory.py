@@ -15,8 +15,10 @@ import torch
 from conftest import TINY_MODEL, write_digits_folder
 
 from finetune.checkpoint import save_run, write_json
+from finetune.data import DatasetSplit, Sample
 from finetune.images import open_image
 from finetune.modeling import create_eval_transform, create_model_and_transforms
+from finetune.split import record_split, write_split
 
 LABELS = ["digit_0", "digit_1", "digit_2"]
 VAL_PER_CLASS = 4
@@ -92,10 +94,20 @@ def _train_and_save(root: Path, steps: int) -> Path:
         },
     }
     save_run(run_dir, model, LABELS, data_config, studio)
+    write_split(run_dir, record_split(_recorded_split(data_dir), data_dir))  # the split it really used
     write_json(run_dir / "metrics.json", {"epochs": history})
     write_json(run_dir / "classification_report.json", _report(val[1].numpy(), val_pred.numpy()))
     _plot(run_dir, history, val[1].numpy(), val_pred.numpy())
     return run_dir
+
+
+def _recorded_split(data_dir: Path) -> DatasetSplit:
+    """The same files `_split` takes, as the engine records them in split.json."""
+    train, val = [], []
+    for index, label in enumerate(LABELS):
+        for n, path in enumerate(sorted((data_dir / label).glob("*.png"))):
+            (val if n < VAL_PER_CLASS else train).append(Sample(path=path, target=index))
+    return DatasetSplit(classes=list(LABELS), train=train, val=val)
 
 
 def _split(data_dir: Path, transform) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:

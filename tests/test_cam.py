@@ -51,11 +51,37 @@ def test_layer_table_picks_the_last_spatial_layer_of_each_family(name, family, a
     assert target.layout == (TOKENS if family == "VisionTransformer" else NCHW)
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_convnext", "test_byobnet"])
+def test_cnn_target_layer_outputs_the_final_feature_map(name: str) -> None:
+    """What Grad-CAM weighs is the map the classifier pools: the layer's output is forward_features' output.
+
+    test_byobnet is in no table entry: the fallback must find its last map too.
+    """
+    model = tiny(name)
+    assert (type(model).__name__ in CAM_LAYERS) == (name != "test_byobnet")
+    outputs: list[torch.Tensor] = []
+    handle = find_cam_target(model).layer.register_forward_hook(lambda m, i, out: outputs.append(out))
+    with torch.no_grad():
+        final = model.forward_features(torch.randn(1, 3, 96, 96))
+    handle.remove()
+    assert len(outputs) == 1 and torch.equal(outputs[0], final)
+
+
+def test_vit_target_layer_sees_every_patch_of_the_last_block() -> None:
+    model = tiny("test_vit", img_size=(64, 96), reg_tokens=4, dynamic_img_size=False)
+    outputs: list[torch.Tensor] = []
+    target = find_cam_target(model)
+    handle = target.layer.register_forward_hook(lambda m, i, out: outputs.append(out))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 96))
+    handle.remove()
+    assert len(outputs) == 1  # called once: inside the last block
+    grid = make_reshape(model, target.layout, (64, 96))(outputs[0])
+    assert tuple(grid.shape[-2:]) == tuple(model.patch_embed.grid_size) == (4, 6)
+
+
 def test_unlisted_cnn_falls_back_to_timms_last_feature_module() -> None:
     model = tiny("test_byobnet")
-    assert type(model).__name__ not in CAM_LAYERS
-    target = find_cam_target(model)
-    assert target.path == model.feature_info[-1]["module"]
     cam = compute_cam(model, torch.randn(1, 3, 96, 96), class_index=1)
     assert cam.shape == (96, 96)
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_digits_folder
 from PIL import Image
 
-from finetune.data import build_cache, scan_dataset, stratified_split, suggest_image_size
+from finetune.data import build_cache, find_layout, scan_dataset, stratified_split, suggest_image_size
 from finetune.errors import DatasetError
 from finetune.modeling import create_model_and_transforms, split_eval_transform
 
@@ -117,3 +117,49 @@ def test_suggested_size_doubles_small_images_and_keeps_native_for_photos(
         (tiny / name).mkdir(parents=True)
         Image.new("RGB", (20, 20)).save(tiny / name / "x.png")
     assert suggest_image_size(stratified_split(scan_dataset(tiny).train, 0.2, 0)[0], native_size=224) == 96
+
+
+def test_train_and_test_folders_split_validation_out_of_train(tmp_path: Path) -> None:
+    """train/ + test/: validation comes out of train/; test/ is kept apart (never a class, never trained)."""
+    write_digits_folder(tmp_path / "train", classes=(0, 1), per_class=10)
+    write_digits_folder(tmp_path / "test", classes=(0, 1), per_class=3)
+    split = scan_dataset(tmp_path, val_fraction=0.2)
+    assert split.classes == ["digit_0", "digit_1"] and split.layout == "train+test"
+    assert not split.has_val_folder
+    assert (len(split.train), len(split.val), len(split.test)) == (16, 4, 6)
+    assert all(s.path.parts[-3] == "train" for s in split.train + split.val)
+    assert all(s.path.parts[-3] == "test" for s in split.test)
+    assert find_layout(tmp_path).class_roots() == [tmp_path / "train", tmp_path / "test"]
+
+
+def test_train_val_and_test_folders_are_all_used(tmp_path: Path) -> None:
+    for name, count in (("train", 6), ("val", 2), ("test", 3)):
+        write_digits_folder(tmp_path / name, classes=(0, 1), per_class=count)
+    split = scan_dataset(tmp_path)
+    assert split.layout == "train+val+test" and split.has_val_folder
+    assert (len(split.train), len(split.val), len(split.test)) == (12, 4, 6)
+    assert {s.path.parts[-3] for s in split.val} == {"val"}
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        (("test", "cat", "dog"), "has a test/ folder but no train/ folder"),
+        (("val", "cat", "dog"), "has a val/ folder but no train/ folder"),
+        (("train", "test", "extra"), "has a train/ folder and also 'extra'"),
+    ],
+)
+def test_ambiguous_layouts_are_refused_instead_of_becoming_classes(
+    tmp_path: Path, folders: tuple[str, ...], message: str
+) -> None:
+    for name in folders:
+        write_digits_folder(tmp_path / name, classes=(0, 1), per_class=2)
+    with pytest.raises(DatasetError, match=message):
+        scan_dataset(tmp_path)
+
+
+def test_test_folder_classes_must_be_training_classes(tmp_path: Path) -> None:
+    write_digits_folder(tmp_path / "train", classes=(0, 1), per_class=4)
+    write_digits_folder(tmp_path / "test", classes=(0, 7), per_class=2)
+    with pytest.raises(DatasetError, match="test/ folder of .* has classes that train/ lacks: digit_7"):
+        scan_dataset(tmp_path)

@@ -21,6 +21,7 @@ from finetune.export import ONNX_FILE, main, weights_fingerprint
 from finetune.images import open_image
 from finetune.inference import META_PRECISION, OnnxClassifier, create_classifier
 from finetune.quantize import INT8_FILE, read_int8_report
+from finetune.split import SPLIT_FILE, read_split, write_split
 
 NO_EXPORTS = shutil.ignore_patterns("*.onnx")
 
@@ -37,7 +38,8 @@ def test_int8_export_is_calibrated_and_checked_on_the_runs_own_images(
     assert main([str(run_dir), "--int8", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"wrote {run_dir / INT8_FILE}" in out
-    assert "calibrated on 30 images; same top-1 as FP32 on 6/6 held-out validation images" in out
+    # the run's recorded split (split.json): 8 training and 4 validation digits per class
+    assert "calibrated on 24 images; same top-1 as FP32 on 12/12 held-out validation images" in out
 
     run = load_run(run_dir)
     int8 = create_classifier(run, "onnx-int8")  # finds the CLI's file rather than quantizing again
@@ -48,7 +50,7 @@ def test_int8_export_is_calibrated_and_checked_on_the_runs_own_images(
     assert json.loads(int8.metadata["studio.labels"]) == run.labels
     report = read_int8_report(int8)
     assert report is not None and report.source == "held-out validation images"
-    assert (report.n_calibration, report.n_images, report.top1_agree) == (30, 6, 6)
+    assert (report.n_calibration, report.n_images, report.top1_agree) == (24, 12, 12)
     assert report.int8_top1 is not None and report.fp32_top1 is not None
     assert report.int8_top1 >= report.fp32_top1 - quantize.MAX_ACCURACY_DROP
     graph = onnx.load(str(run_dir / INT8_FILE)).graph
@@ -65,12 +67,29 @@ def test_int8_export_is_calibrated_and_checked_on_the_runs_own_images(
     assert not np.array_equal(expected, actual)  # really a different (quantized) model
 
 
-def test_without_its_dataset_a_run_is_calibrated_on_views_of_the_photos(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_the_check_uses_the_recorded_split_and_only_its_unchanged_files(
+    run_dir: Path, tmp_path: Path
 ) -> None:
+    """A file added since training stays out, and changed validation files are left out of the check."""
+    record = read_split(run_dir)
+    assert record is not None
+    data = Path(shutil.copytree(record.data_dir, tmp_path / "digits"))
+    write_split(run_dir, replace(record, data_dir=data))
+    val = [data / f.path for f in record.files if f.subset == "val"]
+    shutil.copy(val[0], data / "digit_2" / "added.png")  # a new file: neither calibrated on nor checked
+    for changed in val[1:3]:
+        changed.write_bytes(val[3].read_bytes())  # same class, other bytes
+    (data / val[4].relative_to(data)).unlink()
+    images = quantize.quantization_images(load_run(run_dir), photos=[])
+    assert images.source == "held-out validation images"
+    assert (len(images.calibration), len(images.check)) == (24, 12 - 3)
+
+
+def test_without_its_recorded_split_a_run_is_calibrated_on_views_of_the_photos(run_dir: Path) -> None:
+    """A run saved before splits were recorded: its folder is not re-split (that could leak); photos are."""
+    (run_dir / SPLIT_FILE).unlink()
     run = load_run(run_dir)
-    moved = replace(run, config={**run.config, "studio": {**run.studio, "train_config": {}}})
-    classifier = create_classifier(moved, "onnx-int8")  # quantized on first use, like the app does
+    classifier = create_classifier(run, "onnx-int8")  # quantized on first use, like the app does
     report = read_int8_report(classifier)
     assert report is not None and report.source == "check photos" and report.fp32_top1 is None
     assert report.n_calibration == quantize.VIEWS_PER_PHOTO * report.n_images

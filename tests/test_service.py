@@ -131,11 +131,16 @@ def test_broken_files_are_refused_with_a_message_and_service_keeps_serving(
     assert service.predict_topk(photo("rocket"), k=3).labels
 
 
-def test_unusual_but_valid_images_are_classified(service: InferenceService, tmp_path: Path) -> None:
+def test_unusual_but_valid_images_are_classified(
+    service: InferenceService, untrained_run_dir: Path, tmp_path: Path
+) -> None:
+    """Each gets the answer the plain classifier gives the same file (not just some numbers in [0, 1])."""
+    reference = Classifier(load_run(untrained_run_dir))
     for name, path in write_unusual_images(tmp_path).items():
         prediction = service.predict_topk(path, k=3)
-        assert len(prediction.labels) == 3, name
-        assert 0.0 <= prediction.probs[0] <= 1.0
+        expected = reference.predict([reference.open(path)], k=3)[0]
+        assert prediction.labels == expected.labels, name
+        np.testing.assert_allclose(prediction.probs, expected.probs, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_predict_batch_gives_one_row_per_file_in_order(
@@ -165,21 +170,35 @@ def test_predict_batch_refuses_no_files_and_too_many(service: InferenceService, 
 
 
 def test_replacing_a_run_keeps_answering_requests_that_started_on_the_old_one(
-    service: InferenceService, untrained_run_dir: Path
+    service: InferenceService, untrained_run_dir: Path, digits_run_dir: Path
 ) -> None:
+    """Each answer during swaps is exactly the old model's or the new one's; afterwards, the new one's."""
     name = service.default_model
-    answers: list[list[str]] = []
+    image = photo("coffee")
+    runs = {"old": load_run(untrained_run_dir), "new": load_run(digits_run_dir)}
+    expected = {key: Classifier(run).predict([image], k=2)[0] for key, run in runs.items()}
+    answers = []
 
     def keep_asking() -> None:
         for _ in range(20):
-            answers.append(service.predict_topk(photo("coffee"), k=3).labels)
+            answers.append(service.predict_topk(image, k=2))
 
     asker = threading.Thread(target=keep_asking)
     asker.start()
-    for _ in range(3):
-        service.add_run(name, load_run(untrained_run_dir))
+    for key in ("new", "old", "new"):
+        service.add_run(name, runs[key])
     asker.join(timeout=60)
     assert not asker.is_alive() and len(answers) == 20
+
+    def model_of(answer) -> str:
+        for key, reference in expected.items():
+            if answer.labels == reference.labels and np.allclose(answer.probs, reference.probs, atol=1e-5):
+                return key
+        raise AssertionError(f"an answer from neither model: {answer}")
+
+    for answer in answers:
+        model_of(answer)  # raises for an answer that no model gives (mixed labels, wrong probabilities)
+    assert model_of(service.predict_topk(image, k=2)) == "new"
     assert service.available_models() == [name]
 
 

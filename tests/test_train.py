@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from conftest import TINY_MODEL, write_digits_folder
 
 from finetune.checkpoint import load_run, load_train_state
 from finetune.config import TrainConfig
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DatasetError
+from finetune.evaluate import evaluate_folder
+from finetune.split import SPLIT_FILE, read_split
 from finetune.trainer import fine_tune
 
 TINY = ["--model", TINY_MODEL, "--weights", "none", "--img-size", "48", "--quiet"]
@@ -52,12 +55,19 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert config["label_names"] == ["digit_0", "digit_1", "digit_2"]
     assert config["studio"]["train_config"]["epochs"] == 2
     assert config["studio"]["dataset"]["num_bad_files"] == 1
-    assert 0.0 <= config["studio"]["metrics"]["val_top1"] <= 1.0
+    metrics = config["studio"]["metrics"]
     assert {"torch", "timm"} <= set(config["studio"]["versions"])
     epochs = json.loads((out / "metrics.json").read_text())["epochs"]
     assert [row["phase"] for row in epochs] == ["probe", "finetune", "finetune"]
     report = json.loads((out / "classification_report.json").read_text())
     assert set(report) >= {"digit_0", "digit_1", "digit_2", "macro avg"}
+    assert metrics["val_top1"] == pytest.approx(report["weighted avg"]["recall"])  # the same predictions
+    assert metrics["val_macro_f1"] == pytest.approx(report["macro avg"]["f1"])
+    # the stored score is what finetune.evaluate reproduces from the saved files on the recorded val split
+    evaluated, _, _ = evaluate_folder(data, str(out))
+    assert evaluated["subset"] == "val" and evaluated["n"] == config["studio"]["dataset"]["num_val"] == 9
+    assert evaluated["top1"] == pytest.approx(metrics["val_top1"])
+    assert "(validation: used to choose the kept weights)" in result.stdout
     load_run(out)
 
 
@@ -180,17 +190,162 @@ def test_ctrl_c_saves_and_exits_cleanly_with_a_resume_hint(tmp_path: Path) -> No
     load_run(out)
 
 
-def test_imbalanced_classes_get_a_weighted_loss_and_ema_runs(tmp_path: Path) -> None:
+def test_imbalanced_classes_get_a_weighted_loss_and_the_sampler_reaches_the_probe(tmp_path: Path) -> None:
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=20)
     for extra in sorted((data / "digit_1").iterdir())[5:]:
         extra.unlink()
-    result = fine_tune(tiny_config(data, tmp_path / "run", epochs=1, ema=True))
+    fine_tune(tiny_config(data, tmp_path / "run", strategy="linear"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["studio"]["balance_used"] == "loss"
     assert config["studio"]["dataset"]["class_counts"] == {"digit_0": 16, "digit_1": 4}
-    assert result.metrics["val_top1"] >= 0.0
-    sampled = fine_tune(tiny_config(data, tmp_path / "sampled", epochs=1, balance="sampler"))
-    assert (
-        json.loads((tmp_path / "sampled" / "config.json").read_text())["studio"]["balance_used"] == "sampler"
+    fine_tune(tiny_config(data, tmp_path / "sampled", strategy="linear", balance="sampler"))
+    sampled = json.loads((tmp_path / "sampled" / "config.json").read_text())
+    assert sampled["studio"]["balance_used"] == "sampler"
+    fine_tune(tiny_config(data, tmp_path / "plain", strategy="linear", balance="none"))
+    heads = {
+        name: load_run(tmp_path / name).model.get_classifier().weight for name in ("run", "sampled", "plain")
+    }
+    # the same features and seed: only the balancing differs, and each one changes the probe
+    assert (heads["sampled"] - heads["plain"]).abs().max() > 1e-3
+    assert (heads["run"] - heads["plain"]).abs().max() > 1e-3
+
+
+def test_ema_warms_up_and_changes_the_weights_it_saves(tmp_path: Path) -> None:
+    """Saved EMA weights differ from plain training's, and follow training instead of staying at the start.
+
+    Without warmup, a decay of 0.998 over these 21 updates keeps ~96% of the first update's weights; with
+    warmup the average covers the last several updates.
+    """
+    from finetune.modeling import create_model_and_transforms
+
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=12)
+    options = dict(strategy="finetune", epochs=3, batch_size=4, patience=10)
+    fine_tune(tiny_config(data, tmp_path / "plain", **options))
+    fine_tune(tiny_config(data, tmp_path / "ema", ema=True, **options))
+    plain = load_run(tmp_path / "plain")
+    ema = load_run(tmp_path / "ema")
+    assert ema.studio["train_config"]["ema"] and ema.studio["metrics"]["best_epoch"] >= 1
+    torch.manual_seed(0)  # as the trainer does: the starting weights of both runs
+    start = create_model_and_transforms(TINY_MODEL, 3, "none").model.state_dict()
+    trained = [name for name, p in plain.model.named_parameters() if not torch.equal(p, start[name])]
+    frozen = [name for name, _ in plain.model.named_parameters() if name not in trained]
+    assert trained and frozen  # the first half of the layer groups stays frozen, the rest trains
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[name] - b[name]).float().norm() ** 2) for name in trained) ** 0.5
+
+    plain_weights, ema_weights = plain.model.state_dict(), ema.model.state_dict()
+    assert distance(ema_weights, plain_weights) > 0.05 * distance(plain_weights, start)
+    assert distance(ema_weights, start) > 0.5 * distance(plain_weights, start)
+    assert all(torch.equal(ema_weights[name], start[name]) for name in frozen)
+
+
+def test_resume_refuses_a_dataset_that_changed_since_the_run_started(tmp_path: Path) -> None:
+    """One file added to a class would reshuffle its split: resume says what changed instead of leaking."""
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=12)
+    out = tmp_path / "run"
+    epochs_seen: list[int] = []
+    stopped = fine_tune(
+        tiny_config(data, out),
+        on_event=lambda event: epochs_seen.append(event.epoch) if event.kind == "epoch" else None,
+        should_stop=lambda: len(epochs_seen) >= 2,
     )
-    assert sampled.history[-1]["train_loss"] > 0
+    assert stopped.interrupted
+    recorded = (out / SPLIT_FILE).read_bytes()
+    val_before = {s.path for s in read_split(out).to_split().val}
+    added = data / "digit_0" / "new.png"
+    shutil.copy(data / "digit_1" / "000.png", added)
+    result = run_cli("--resume", str(out), "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the dataset")
+    assert "changed since this run started: 1 file(s) added (digit_0/new.png)" in result.stderr
+    assert (
+        f"start a new run on the dataset as it is now: python -m finetune {data} --out NEW_RUN_DIR"
+        in result.stderr
+    )
+    with pytest.raises(DatasetError, match="1 file\\(s\\) added"):
+        fine_tune(tiny_config(data, out), resume=True)
+    added.unlink()  # restored: the run continues on exactly the images it started with
+    resumed = fine_tune(tiny_config(data, out), resume=True)
+    assert not resumed.interrupted and (out / SPLIT_FILE).read_bytes() == recorded
+    config = json.loads((out / "config.json").read_text())
+    assert config["studio"]["dataset"]["num_val"] == len(val_before) == 4
+    evaluated, _, _ = evaluate_folder(data, str(out))
+    assert evaluated["subset"] == "val" and evaluated["n"] == 4  # the recorded validation images
+
+
+def test_train_and_test_folders_report_test_metrics_beside_validation(tmp_path: Path) -> None:
+    """train/ + test/: validation is split out of train/, test/ is scored once at the end and reported."""
+    data = tmp_path / "digits"
+    write_digits_folder(data / "train", classes=(0, 1, 2), per_class=12)
+    write_digits_folder(data / "test", classes=(0, 1, 2), per_class=4)
+    (data / "test" / "digit_2" / "003.png").write_bytes(b"not a png")  # reported like any bad file
+    out = tmp_path / "run"
+    result = run_cli(str(data), "--out", str(out), "--epochs", "1", "--batch-size", "8", *TINY)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    dataset, metrics = config["studio"]["dataset"], config["studio"]["metrics"]
+    assert config["label_names"] == ["digit_0", "digit_1", "digit_2"]  # not "test" and "train"
+    assert dataset["layout"] == "train+test" and (dataset["num_train"], dataset["num_val"]) == (30, 6)
+    assert dataset["num_test"] == metrics["num_test"] == 11
+    saved = json.loads((out / SPLIT_FILE).read_text())["files"]
+    assert {f["subset"] for f in saved if f["path"].startswith("test/")} == {"test"}
+    assert {f["subset"] for f in saved if f["path"].startswith("train/")} == {"train", "val"}
+    report = json.loads((out / "test_classification_report.json").read_text())
+    assert metrics["test_top1"] == pytest.approx(report["weighted avg"]["recall"])
+    assert metrics["test_macro_f1"] == pytest.approx(report["macro avg"]["f1"])
+    assert metrics["selected_on"].startswith("validation")
+    evaluated, _, _ = evaluate_folder(data, str(out))  # the run's own folder: its test split only
+    assert (evaluated["subset"], evaluated["n"]) == ("test", 11)
+    assert evaluated["top1"] == pytest.approx(metrics["test_top1"])
+    assert "Test (test/ folder, 11 images, never used for training or choosing): top-1 " in result.stdout
+    card = (out / "README.md").read_text()
+    assert "## Results on the test set" in card and "These images chose the kept weights" in card
+    assert "test/digit_2/003.png" in (out / "bad_files.txt").read_text()
+
+
+def test_class_warnings_name_classes_without_validation_images_or_with_one_image(tmp_path: Path) -> None:
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=6)
+    for extra in sorted((data / "digit_2").iterdir())[1:]:
+        extra.unlink()
+    messages: list[str] = []
+    fine_tune(
+        tiny_config(data, tmp_path / "run", strategy="linear"),
+        on_event=lambda event: messages.append(event.message) if event.kind == "status" else None,
+    )
+    warnings = json.loads((tmp_path / "run" / "config.json").read_text())["studio"]["dataset"]["warnings"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("class(es) 'digit_2' have no validation image")
+    assert warnings[1].startswith("class(es) 'digit_2' have a single image")
+    assert [m for m in messages if m.startswith("Warning: ")] == [f"Warning: {w}" for w in warnings]
+    report = json.loads((tmp_path / "run" / "classification_report.json").read_text())
+    assert report["digit_2"]["support"] == 0
+    supported = [report[name]["f1"] for name in ("digit_0", "digit_1")]
+    assert report["macro avg"]["f1"] == pytest.approx(sum(supported) / 2)
+    evaluated, _, _ = evaluate_folder(data, str(tmp_path / "run"))  # the recorded validation images
+    assert evaluated["classes_without_images"] == ["digit_2"]
+    assert evaluated["per_class"]["macro avg"]["f1"] == pytest.approx(report["macro avg"]["f1"])
+
+
+def test_the_time_budget_and_wall_time_count_decoding(tmp_path: Path) -> None:
+    """A slow decode (3 s, simulated in the progress callback) uses up a 2 s budget: auto keeps the probe."""
+    import time
+
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=8)
+    slept: list[float] = []
+
+    def slow_decoding(event) -> None:
+        if event.kind == "cache" and not slept:
+            time.sleep(3.0)
+            slept.append(3.0)
+
+    started = time.perf_counter()
+    result = fine_tune(
+        tiny_config(data, tmp_path / "run", strategy="auto", epochs=0, time_budget_s=2),
+        on_event=slow_decoding,
+    )
+    total = time.perf_counter() - started
+    assert slept and result.strategy_used == "linear"
+    assert [row["phase"] for row in result.history] == ["probe"]
+    assert result.history[0]["elapsed_s"] >= 3.0
+    assert 3.0 <= result.metrics["wall_s"] <= total

@@ -47,6 +47,23 @@ def test_zip_with_train_and_val_folders_keeps_them(tmp_path: Path) -> None:
     assert scan_dataset(dataset.root).has_val_folder
 
 
+def test_zip_with_train_and_test_folders_follows_the_clis_layout_rule(tmp_path: Path) -> None:
+    """The zip import and the CLI share one layout rule: test/ is a held-out set, not a class."""
+    folder = tmp_path / "split"
+    write_photo_classes(folder / "train", per_class=3)
+    write_photo_classes(folder / "test", per_class=1, seed=7)
+    dataset = import_zip(zip_folder(folder, tmp_path / "split.zip"), tmp_path / "datasets")
+    assert not dataset.has_val_folder and dataset.class_counts == {"cat": 3, "coffee": 3}  # test/ not counted
+    split = scan_dataset(dataset.root)
+    assert split.layout == "train+test" and len(split.test) == 2
+    lone_test = tmp_path / "lone"
+    write_photo_classes(lone_test, per_class=2)  # cat/ coffee/ and a test/ beside them: which is it?
+    write_photo_classes(lone_test / "test", per_class=1)
+    with pytest.raises(DatasetError, match="the zip has a test/ folder but no train/ folder") as refused:
+        import_zip(zip_folder(lone_test, tmp_path / "lone.zip"), tmp_path / "datasets")
+    assert str(tmp_path) not in str(refused.value)
+
+
 def test_non_images_are_skipped_and_listed(tmp_path: Path) -> None:
     huge = tmp_path / "huge.png"
     Image.new("1", (9000, 8000)).save(huge)  # 72 megapixels in a few kB: over the pixel limit

@@ -1,0 +1,83 @@
+"""Engine pieces on their own: the CUDA autocast choice, the linear probe's loss and sampler."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from finetune import engine
+from finetune.engine import cuda_autocast_dtype, fit_linear_probe, resolve_precision
+
+
+@pytest.mark.parametrize(
+    ("requested", "capability", "expected"),
+    [
+        ("auto", (7, 5), torch.float16),  # T4: bf16 is only emulated
+        ("auto", (7, 0), torch.float16),  # V100
+        ("auto", (8, 0), torch.bfloat16),  # A100
+        ("auto", (8, 6), torch.bfloat16),  # RTX 30xx
+        ("auto", (9, 0), torch.bfloat16),  # H100
+        ("fp16", (9, 0), torch.float16),
+        ("bf16", (8, 0), torch.bfloat16),
+    ],
+)
+def test_cuda_autocast_uses_bf16_only_where_the_gpu_has_it(requested, capability, expected) -> None:
+    assert cuda_autocast_dtype(requested, capability) == expected
+
+
+def test_an_explicit_bf16_on_an_older_gpu_is_obeyed_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="finetune.engine"):
+        assert cuda_autocast_dtype("bf16", (7, 5)) == torch.bfloat16
+    assert "only emulates bf16" in caplog.text
+
+
+@pytest.mark.parametrize(("capability", "name", "scaled"), [((7, 5), "fp16", True), ((8, 0), "bf16", False)])
+def test_resolve_precision_on_cuda_reads_the_devices_capability(
+    monkeypatch: pytest.MonkeyPatch, capability, name: str, scaled: bool
+) -> None:
+    """No GPU here: the capability query is the one thing faked; fp16 comes with a grad scaler."""
+    asked = []
+    monkeypatch.setattr(
+        engine.torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability
+    )
+    precision = resolve_precision("auto", torch.device("cuda", 0))
+    assert asked == [torch.device("cuda", 0)]
+    assert precision.name == name and precision.needs_grad_scaler is scaled
+    assert resolve_precision("fp32", torch.device("cuda", 0)).name == "fp32"
+
+
+def imbalanced_features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two overlapping 2-D Gaussian classes, 200 images of class 0 and 10 of class 1."""
+    generator = torch.Generator().manual_seed(seed)
+    majority = torch.randn(200, 2, generator=generator)
+    minority = torch.randn(10, 2, generator=generator) + torch.tensor([1.5, 0.0])
+    return torch.cat([majority, minority]), torch.tensor([0] * 200 + [1] * 10)
+
+
+def test_sampler_weights_balance_the_probe() -> None:
+    """With class-balanced sampling, the probe stops predicting the majority class for ambiguous images."""
+    features, targets = imbalanced_features()
+    weights = torch.where(targets == 1, 210 / (2 * 10), 210 / (2 * 200)).float()
+    grid = torch.stack([torch.linspace(-1, 2.5, 50), torch.zeros(50)], dim=1)  # from class 0 to class 1
+    plain = fit_linear_probe(features, targets, 2, epochs=60, seed=0)
+    balanced = fit_linear_probe(features, targets, 2, epochs=60, seed=0, sample_weights=weights)
+    with torch.no_grad():
+        plain_share = (plain(grid).argmax(1) == 1).float().mean().item()
+        balanced_share = (balanced(grid).argmax(1) == 1).float().mean().item()
+    assert balanced_share > plain_share + 0.15, (plain_share, balanced_share)
+
+
+def test_the_probe_takes_the_fine_tuning_label_smoothing() -> None:
+    """Label smoothing caps the probe's confidence near 1 - smoothing/2, as it caps the fine-tuned model's."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.tensor([0] * 100 + [1] * 100)
+    features = torch.randn(200, 512, generator=generator) + (targets[:, None] * 2 - 1) * 0.5  # separable
+    confidence = {}
+    for smoothing in (0.0, 0.1):
+        head = fit_linear_probe(features, targets, 2, epochs=60, seed=0, label_smoothing=smoothing)
+        with torch.no_grad():
+            confidence[smoothing] = head(features).softmax(1).max(1).values.mean().item()
+    assert confidence[0.0] > 0.99
+    assert 0.9 < confidence[0.1] < 0.97
