@@ -17,12 +17,14 @@ from pathlib import Path
 
 from finetune.checkpoint import CONFIG_FILE, STATE_META_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, atomic_write
 from finetune.errors import ConfigError
+from finetune.split import SPLIT_FILE
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = ".cache"
 OWNER_FILE = "owner.txt"  # the owner key of the visitor who trained the run (`demo.lanes`)
-NOT_EXPORTED = (CACHE_DIR, STATE_META_FILE, STATE_TENSORS_FILE, OWNER_FILE)  # never in a download
+# never in a download: machine-local state, the owner, and the split (server paths of a deleted upload)
+NOT_EXPORTED = (CACHE_DIR, STATE_META_FILE, STATE_TENSORS_FILE, OWNER_FILE, SPLIT_FILE)
 
 
 class RunStore:
