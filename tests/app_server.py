@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import gradio as gr
+
 import app
 from demo.service import InferenceService
+from demo.training_jobs import TrainingManager
 from demo.vision_tasks import VisionService
 
 
@@ -20,14 +23,27 @@ def free_port() -> int:
 
 
 @contextmanager
+def launched(
+    service: InferenceService,
+    vision: VisionService | None = None,
+    trainer: TrainingManager | None = None,
+    **launch_options: Any,
+) -> Iterator[gr.Blocks]:
+    """The app built by `app.build_app` (Detect/Segment with `vision`, the Train tab with `trainer`), launched
+    by `app.launch` on 127.0.0.1; yields the running `gr.Blocks` (its `local_url`, `fns`) and closes it.
+    The caller still owns (and closes) the service and the trainer."""
+    demo = app.build_app(service, vision, trainer)
+    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, **launch_options)
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+@contextmanager
 def serve(
     service: InferenceService, vision: VisionService | None = None, **launch_options: Any
 ) -> Iterator[str]:
-    """The app built by `app.build_app` (with the Detect and Segment tabs when `vision` is given), launched
-    by `app.launch` on 127.0.0.1; yields its URL."""
-    demo = app.build_app(service, vision)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, **launch_options)
-    try:
+    """`launched`, yielding only the app's URL."""
+    with launched(service, vision, **launch_options) as demo:
         yield demo.local_url
-    finally:
-        demo.close()

@@ -15,12 +15,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from app_server import free_port
+from app_server import launched
 from conftest import TINY_MODEL, photo
 from gradio_client import Client, handle_file
 from huggingface_hub import constants
 
-import app
 from demo import batch_tab, detect_tab, disk_limits, train_tab
 from demo.service import InferenceService
 from finetune.checkpoint import load_run, save_run
@@ -168,12 +167,10 @@ def served(untrained_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(uploads))  # read by Gradio at every upload check, so kept set
         service = CountingService.from_checkpoint(untrained_run_dir, runtime="torch")
-        demo = app.build_app(service)
-        app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
         try:
-            yield demo.local_url, demo
+            with launched(service) as demo:
+                yield demo.local_url, demo
         finally:
-            demo.close()
             service.close()
 
 

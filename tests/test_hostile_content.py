@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_server import free_port
+from app_server import launched
 from conftest import TINY_MODEL, photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -28,7 +28,6 @@ from markdown_it import MarkdownIt
 from PIL import Image
 from train_data import jpeg_bytes
 
-import app
 from demo import classify_tab
 from demo.service import InferenceService, ModelInfo
 from demo.train_tab import serve_trained_runs
@@ -127,12 +126,10 @@ def served(hostile_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     service = InferenceService.from_checkpoint(hostile_run)
     manager = TrainingManager(data_dir, allow_test_models=True, train_overrides={"img_size": 64})
     serve_trained_runs(manager, service)
-    demo = app.build_app(service, trainer=manager)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
-        yield demo.local_url, data_dir
+        with launched(service, trainer=manager) as demo:
+            yield demo.local_url, data_dir
     finally:
-        demo.close()
         manager.close()
         service.close()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_server import free_port, serve
+from app_server import launched, serve
 from conftest import TINY_MODEL, photo, write_digits_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -78,12 +78,10 @@ def lane_app(
     service.add_run("beta", load_run(runs["beta"]), make_default=False)
     manager = TrainingManager(data_dir, allow_test_models=True, train_overrides=TINY_TRAIN, **manager_options)
     serve_trained_runs(manager, service)
-    demo = app.build_app(service, trainer=manager)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
-        yield demo.local_url, service, manager
+        with launched(service, trainer=manager) as demo:
+            yield demo.local_url, service, manager
     finally:
-        demo.close()
         manager.close()
         service.close()
 

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import gradio as gr
 import httpx
 import pytest
-from app_server import free_port
+from app_server import launched
 from conftest import TINY_MODEL, photo
 from vision_models import random_vision_service
 
@@ -57,14 +57,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, untrained_run_dir: Path) ->
     service = InferenceService.from_checkpoint(untrained_run_dir)
     vision = random_vision_service(root / "weights")
     manager = TrainingManager(root / "studio-data", allow_test_models=True)
-    demo = app.build_app(service, vision, trainer=manager)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
-    collect = [index for index, fn in demo.fns.items() if fn.fn is train_tab.collect_classes]
     try:
-        with httpx.Client(base_url=demo.local_url.rstrip("/"), timeout=TIMEOUT_S) as client:
-            yield {"client": client, "collect_fn": collect[0], "weights": root / "weights"}
+        with launched(service, vision, trainer=manager) as demo:
+            collect = [index for index, fn in demo.fns.items() if fn.fn is train_tab.collect_classes]
+            with httpx.Client(base_url=demo.local_url.rstrip("/"), timeout=TIMEOUT_S) as client:
+                yield {"client": client, "collect_fn": collect[0], "weights": root / "weights"}
     finally:
-        demo.close()
         manager.close()
         service.close()
 
