@@ -1,9 +1,10 @@
 """Batched inference on a loaded run, on PyTorch or ONNX Runtime: preprocessing, probabilities, top-k, once.
 
 `finetune.predict`, `finetune.evaluate` and the app's service all classify through a `Classifier` made by
-`create_classifier(run, runtime)`, so both runtimes share one preprocessing path (the run's own resize and
-crop from `modeling.split_eval_transform`, normalised straight into one float32 batch), one label order and
-one way of reporting top-k; they differ only in what computes the logits.
+`finetune.runtime.create_classifier(run, runtime)` (it knows how files are exported; this module does not),
+and files through `finetune.file_predict.classify_files`, so both runtimes share one preprocessing path (the
+run's own resize and crop from `modeling.split_eval_transform`, normalised straight into one float32 batch),
+one label order and one way of reporting top-k; they differ only in what computes the logits.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from finetune.checkpoint import LoadedRun
-from finetune.errors import CheckpointError, ConfigError, ImageError, RuntimeUnavailableError
+from finetune.errors import CheckpointError, ConfigError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
 from finetune.modeling import draft_size_for, split_eval_transform
 
@@ -54,15 +54,6 @@ class Prediction:
     def as_dict(self) -> dict[str, float]:
         """`{label: prob}`, the shape `gr.Label` expects."""
         return dict(zip(self.labels, self.probs, strict=True))
-
-
-@dataclass
-class FileResult:
-    """One row of a folder prediction: a prediction, or the reason the file could not be classified."""
-
-    path: Path
-    prediction: Prediction | None = None
-    error: str | None = None
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
@@ -175,29 +166,6 @@ class Classifier:
         """Top-k labels for each image."""
         return top_k(self.predict_probs(images, tta), self.labels, k)
 
-    def predict_files(
-        self, paths: Iterable[Path], k: int = 5, tta: Sequence[float] | None = None
-    ) -> Iterator[FileResult]:
-        """Classify files in batches of `batch_size`, decoding on all cores; bad files become error rows."""
-        paths = list(paths)
-        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
-            for start in range(0, len(paths), self.batch_size):
-                chunk = paths[start : start + self.batch_size]
-                opened = list(pool.map(self._try_open, chunk))
-                good = [image for image in opened if isinstance(image, Image.Image)]
-                predictions = iter(self.predict(good, k, tta))
-                for path, image in zip(chunk, opened, strict=True):
-                    if isinstance(image, Image.Image):
-                        yield FileResult(Path(path), prediction=next(predictions))
-                    else:
-                        yield FileResult(Path(path), error=image)
-
-    def _try_open(self, path: Path) -> Image.Image | str:
-        try:
-            return self.open(path)
-        except ImageError as error:
-            return str(error)
-
     def _view(self, zoom: float) -> Any:
         """A zoomed view's resize and crop: the crop covers crop_pct / zoom of the shorter side (max 1)."""
         if zoom not in self._views:
@@ -305,39 +273,6 @@ def create_session(onnx_path: Path, threads: int | None = None) -> Any:
             f"'{onnx_path}' is not a usable ONNX model ({str(error).splitlines()[0][:200]}); delete it and "
             "re-export with `python -m finetune.export RUN_DIR --onnx`."
         ) from error
-
-
-def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 32) -> Classifier:
-    """The classifier for `run` on the requested runtime; every inference caller goes through here.
-
-    "torch" runs PyTorch. "onnx" runs ONNX Runtime on the run's `model.onnx`, exporting it first (into the run
-    folder, or a cache folder when that is read-only) if it is missing or stale; failures are errors. "auto"
-    does the same but falls back to PyTorch with a warning when onnxruntime is missing or export fails.
-    "onnx-int8" serves the quantized `model.int8.onnx` (opt-in: faster, probabilities not exactly FP32's),
-    quantizing and checking it first if needed (see `finetune.quantize`); failures are errors.
-    """
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"invalid runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}.")
-    if runtime == "torch":
-        return Classifier(run, batch_size=batch_size)
-    from finetune.export import load_onnx_classifier  # export builds on this module, so import late
-
-    if runtime in ("onnx", "onnx-int8"):
-        if not has_module("onnxruntime"):
-            raise RuntimeUnavailableError(f"--runtime {runtime} needs onnxruntime: {ONNX_INSTALL_HINT}.")
-        return load_onnx_classifier(run, batch_size=batch_size, int8=runtime == "onnx-int8")
-    if not has_module("onnxruntime"):
-        logger.info("onnxruntime is not installed; serving with PyTorch (pip install onnxruntime for speed).")
-        return Classifier(run, batch_size=batch_size)
-    try:
-        return load_onnx_classifier(run, batch_size=batch_size)
-    except Exception as error:  # any export or load failure: PyTorch still gives the same answers
-        logger.warning(
-            "ONNX Runtime is not available for this run (%s: %s); using PyTorch instead.",
-            type(error).__name__,
-            str(error).splitlines()[0][:300] if str(error) else "",
-        )
-        return Classifier(run, batch_size=batch_size)
 
 
 def add_inference_arguments(parser: Any) -> None:
