@@ -109,9 +109,8 @@ def _predict(args: argparse.Namespace) -> int:
     files = expand_paths(args.paths)
     if not files:
         raise ConfigError(f"no image files found in {', '.join(str(p) for p in args.paths)}.")
-    if dist.is_distributed:  # the processes of a node share its cores rather than each taking them all
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        torch.set_num_threads(max(1, available_cores() // local))
+    if dist.is_distributed:
+        _share_cores(dist.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     run = load_checkpoint_or_default(args.checkpoint)
     if not dist.is_main:
         dist.barrier()  # rank 0 exports (or quantizes) once; the others then find its file
@@ -139,6 +138,20 @@ def _predict(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(f"Wrote {len(files)} rows to {args.out}", file=sys.stderr)
     return status
+
+
+def _share_cores(local_rank: int, local_world_size: int) -> None:
+    """The processes of a node split its cores (every `local_world_size`-th core from `local_rank`).
+
+    Each process would otherwise size PyTorch's, ONNX Runtime's and the decoders' threads to every core, and
+    N processes would run N times as many threads as cores. Pinning also bounds ORT, which reads the
+    process's affinity (`available_cores`) when it creates its session.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    mine = cores[local_rank % max(1, len(cores)) :: local_world_size] if cores else []
+    if mine:
+        os.sched_setaffinity(0, mine)
+    torch.set_num_threads(max(1, len(mine) or (available_cores() // local_world_size)))
 
 
 def shard(count: int, rank: int, world_size: int) -> slice:
