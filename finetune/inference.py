@@ -129,13 +129,22 @@ class Classifier:
         copy out of PIL, then a single multiply-subtract written straight into the batch. `zoom` != 1 gives a
         test-time view (see `predict_probs`).
         """
-        geometry = self._view(zoom)
-        batch = np.empty((len(images), 3, self._height, self._width), np.float32)
-        for out, image in zip(batch, images, strict=True):
-            if image.mode != "RGB":
-                image = open_image(image)
-            pixels = np.asarray(geometry(image))  # (H, W, 3) uint8
-            np.multiply(pixels.transpose(2, 0, 1), self._scale, out=out)
+        return self.normalize([self.view_pixels(image, zoom) for image in images])
+
+    def view_pixels(self, image: Image.Image, zoom: float = 1.0) -> np.ndarray:
+        """One image's eval resize and crop as (3, H, W) uint8: the per-image half of `preprocess`.
+
+        Thread-safe, so `finetune.file_predict` runs it on the decoding threads, beside the forward pass.
+        """
+        if image.mode != "RGB":
+            image = open_image(image)
+        return np.asarray(self._view(zoom)(image)).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def normalize(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """(3, H, W) uint8 views into one normalised (N, 3, H, W) float32 batch."""
+        batch = np.empty((len(pixels), 3, self._height, self._width), np.float32)
+        for out, view in zip(batch, pixels, strict=True):
+            np.multiply(view, self._scale, out=out)
             out -= self._shift
         return torch.from_numpy(batch)
 
@@ -153,12 +162,17 @@ class Classifier:
         `tta` (test-time augmentation) is a list of zoom factors: each image is also viewed with its crop
         zoomed in (> 1) or out (< 1, down to the whole shorter side); the views' probabilities are averaged.
         """
-        if not images:
-            return np.zeros((0, len(self.labels)), np.float32)
         zooms = tuple(tta) if tta else (1.0,)
-        views = [self.preprocess(images, zoom) for zoom in zooms]
-        probs = softmax(self.predict_logits(views[0] if len(views) == 1 else torch.cat(views)))
-        return probs.reshape(len(zooms), len(images), -1).mean(axis=0)
+        return self.predict_views([[self.view_pixels(image, zoom) for image in images] for zoom in zooms])
+
+    def predict_views(self, views: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Softmax probabilities of `view_pixels` views (`views[z][n]`: image n, zoom z), zooms averaged."""
+        count = len(views[0]) if views else 0
+        if count == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        batch = torch.cat([self.normalize(per_zoom) for per_zoom in views])
+        probs = softmax(self.predict_logits(batch))
+        return probs.reshape(len(views), count, -1).mean(axis=0)
 
     def predict(
         self, images: Sequence[Image.Image], k: int = 5, tta: Sequence[float] | None = None
