@@ -84,7 +84,8 @@ def sample_photo() -> Any:
 def bench_model(run: Any, runtime: str, rounds: int, per_round: int, threads: int) -> dict[str, Any]:
     """Batch-1 latency of PyTorch eager, the default runtime and the opt-in INT8 export, interleaved."""
     from finetune.errors import StudioError
-    from finetune.inference import Classifier, OnnxClassifier, create_classifier
+    from finetune.inference import Classifier, OnnxClassifier
+    from finetune.runtime import create_classifier
 
     def same_threads(classifier: Any) -> Any:  # the thread count PyTorch has (main() sets it)
         if isinstance(classifier, OnnxClassifier):
@@ -139,7 +140,8 @@ def bench_e2e(run: Any, runtime: str, work: Path, repeats: int) -> dict[str, Any
     from PIL import Image
 
     from finetune.images import open_image
-    from finetune.inference import Classifier, create_classifier, softmax, top_k
+    from finetune.inference import Classifier, softmax, top_k
+    from finetune.runtime import create_classifier
 
     photo = sample_photo()
     large, small = work / "large_4000x3000.jpg", work / "small_224.png"

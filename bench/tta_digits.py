@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from finetune.checkpoint import load_run
     from finetune.images import is_image_file
-    from finetune.inference import create_classifier, parse_tta
+    from finetune.inference import parse_tta
+    from finetune.runtime import create_classifier
 
     run = load_run(args.run_dir)
     classifier = create_classifier(run, args.runtime)

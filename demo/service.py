@@ -5,7 +5,7 @@ The service holds one or more named runs (the embedded ImageNet model, a fine-tu
 visitor's choice, kept in their session; None means the operator's default), looks it up once and uses it
 to the end, so replacing a run under the lock never mixes two models in one answer. Who may use which
 model is `self.lanes` (`demo.lanes`). Classification goes through
-`finetune.inference.create_classifier` (whatever runtime it picks) behind a `MicroBatcher`, so concurrent
+`finetune.runtime.create_classifier` (whatever runtime it picks) behind a `MicroBatcher`, so concurrent
 visitors share forward passes; Grad-CAM works on a private copy of the model under its own lock.
 """
 
@@ -27,9 +27,11 @@ from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_
 from demo.lanes import Lanes
 from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
+from finetune.file_predict import classify_files
 from finetune.images import UPLOAD_LIMITS, ImageSource, open_image
-from finetune.inference import Classifier, Prediction, create_classifier, top_k
+from finetune.inference import Classifier, Prediction, top_k
 from finetune.modeling import draft_size_for
+from finetune.runtime import create_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -251,16 +253,16 @@ class InferenceService:
             first.setdefault(key, path)
         unique = list(first)
         results: dict[str, Prediction | str] = {}  # a prediction, or the reason the file is unusable
-        for start in range(0, len(unique), FILE_CHUNK):
-            pictures: dict[str, Image.Image] = {}
-            for key in unique[start : start + FILE_CHUNK]:
-                try:
-                    pictures[key] = self._open(model, first[key], first[key].name)
-                except ImageError as error:
-                    results[key] = str(error)
-            if pictures:
-                probs = model.classifier.predict_probs(list(pictures.values()))
-                results.update(zip(pictures, top_k(probs, model.run.labels, k), strict=True))
+
+        def opener(key: str) -> Image.Image:  # upload limits and the run's draft size, decoded on all cores
+            return self._open(model, first[key], first[key].name)
+
+        for outcomes in classify_files(model.classifier, unique, opener, chunk_size=FILE_CHUNK):
+            for outcome in outcomes:
+                if outcome.probs is None:
+                    results[outcome.item] = outcome.error or "unreadable"
+                else:
+                    results[outcome.item] = top_k(outcome.probs[None], model.run.labels, k)[0]
         rows = []
         for key, path in zip(keys, paths, strict=True):
             result = results[key]

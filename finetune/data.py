@@ -2,13 +2,20 @@
 
 Decoding and resizing JPEGs dominates CPU training time when repeated every epoch, so each image is opened
 once (through `finetune.images.open_image`), passed through the run's own eval resize/crop, and stored as
-uint8 in a memory-mapped `.npy` file; epochs then only slice tensors. Unreadable files are collected, never
-fatal.
+uint8 in a memory-mapped `.npy` file; epochs then gather each batch's rows from it. Unreadable files are
+collected, never fatal.
+
+Memory does not grow with the dataset: images are decoded straight into the memory-mapped file (never into
+an array in RAM), and batches are gathered from it row by row, so the cache's pages are file pages the OS
+can drop and read again rather than memory the process holds. An interrupted decode (Ctrl-C, cancel, the
+time budget, a crash) keeps what it decoded: a progress file beside the partial `.npy` records which images
+are done, and the next build with the same files continues from there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import statistics
@@ -17,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +40,8 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 TEST_DIR_NAMES = ("test",)
 SPLIT_DIR_NAMES = (*TRAIN_DIR_NAMES, *VAL_DIR_NAMES, *TEST_DIR_NAMES)  # top folders of a split layout
 SUBSETS = ("train", "val", "test")
+PROGRESS_EVERY = 512  # images decoded between two saves of a cache build's progress
+PENDING, DECODED, FAILED = b"-", b"o", b"x"  # one mark per image in the progress file
 
 
 @dataclass
@@ -92,11 +100,38 @@ class DatasetSplit:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
+class CachedPixels:
+    """The good images of a cache, (N, 3, H, W) uint8, gathered batch by batch from the (memory-mapped) array.
+
+    Indexing with a batch's indices (a tensor, array, slice or int) copies only those rows into a tensor, so
+    a training run holds one batch of pixels, whatever the size of the dataset.
+    """
+
+    def __init__(self, array: np.ndarray, keep: np.ndarray) -> None:
+        self._array = array  # every decoded slot, failed files included; `keep` picks the good rows
+        self._keep = keep
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._keep), *self._array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, index: torch.Tensor | np.ndarray | slice | int) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        rows = self._keep[index]
+        if np.ndim(rows) == 0:
+            return torch.from_numpy(np.array(self._array[int(rows)]))
+        return torch.from_numpy(self._array[np.asarray(rows, dtype=np.int64)])  # fancy indexing copies
+
+
 @dataclass
 class CachedImages:
-    """Decoded images as an (N, 3, H, W) uint8 tensor plus their targets; files that failed are listed."""
+    """Decoded images (uint8 rows gathered on demand) plus their targets; files that failed are listed."""
 
-    pixels: torch.Tensor
+    pixels: CachedPixels
     targets: torch.Tensor
     paths: list[Path]
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
@@ -220,11 +255,11 @@ def build_cache(
 ) -> CachedImages:
     """Decode, resize and crop every image once; return uint8 pixels of the good ones.
 
-    `should_stop` is asked before each image; once it says yes, the rest are skipped and `StoppedError`
-    is raised.
-
-    With `cache_path`, pixels live in a memory-mapped `.npy` (large datasets need no RAM, and a finished
-    cache is reused by a resumed run or by other processes on the node); a sidecar lists which files failed.
+    With `cache_path`, pixels are decoded straight into a memory-mapped `.npy` (no RAM per image), and a
+    finished cache is reused by a resumed run or by other processes on the node; a sidecar lists which files
+    failed. Progress is saved every `PROGRESS_EVERY` images, so an interrupted build continues where it
+    stopped. `should_stop` is asked before each image; once it says yes, what was decoded is saved and
+    `StoppedError` is raised. Without `cache_path` (tests, small sets) the pixels stay in RAM.
     """
     key = _cache_key(samples, image_size)
     if cache_path is not None:
@@ -232,9 +267,16 @@ def build_cache(
         if cached is not None:
             return cached
     count = len(samples)
-    pixels = np.zeros((count, 3, image_size, image_size), dtype=np.uint8)
-    ok = np.zeros(count, dtype=bool)
-    errors: dict[int, str] = {}
+    shape = (count, 3, image_size, image_size)
+    if cache_path is None:
+        pixels: np.ndarray = np.zeros(shape, dtype=np.uint8)
+        state, errors = bytearray(PENDING * count), {}
+    else:
+        pixels, state, errors = _open_partial(cache_path, key, shape)
+    todo = [index for index in range(count) if state[index] == PENDING[0]]
+    done = count - len(todo)
+    if done and on_progress is not None:
+        on_progress(done, count)
 
     def decode(index: int) -> None:
         if should_stop is not None and should_stop():
@@ -245,19 +287,32 @@ def build_cache(
             if array.shape[:2] != (image_size, image_size):
                 raise ImageError(f"resized to {array.shape[:2]}, expected {image_size}")
             pixels[index] = array.transpose(2, 0, 1)
-            ok[index] = True
+            state[index] = DECODED[0]
         except ImageError as error:
             errors[index] = str(error)
+            state[index] = FAILED[0]
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for done, _ in enumerate(pool.map(decode, range(count)), start=1):
-            if on_progress is not None:
-                on_progress(done, count)
-    if should_stop is not None and should_stop():
-        raise StoppedError("stopped while decoding the images; nothing was saved.")
-    if cache_path is not None:
-        _write_cache(cache_path, key, pixels, ok, errors)
-    return _as_cached(samples, pixels, ok, errors)
+        for start in range(0, len(todo), PROGRESS_EVERY):
+            for _ in pool.map(decode, todo[start : start + PROGRESS_EVERY]):
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, count)
+            if cache_path is not None:
+                _save_progress(cache_path, key, pixels, state, errors)
+            if should_stop is not None and should_stop():
+                kept = sum(1 for mark in state if mark != PENDING[0])
+                raise StoppedError(
+                    f"stopped while decoding the images; {kept} of {count} are decoded and kept, and the "
+                    "next run on the same files continues from there."
+                    if cache_path is not None
+                    else "stopped while decoding the images; nothing was saved."
+                )
+    ok = np.frombuffer(bytes(state), dtype=np.uint8) == DECODED[0]
+    if cache_path is None:
+        return _as_cached(samples, pixels, ok, errors)
+    _finish_cache(cache_path, key, pixels, ok, errors)
+    return _as_cached(samples, np.load(cache_path, mmap_mode="r"), ok, errors)
 
 
 def batches(
@@ -352,8 +407,6 @@ def _cache_key(samples: Sequence[Sample], image_size: int) -> str:
 
 
 def _read_cache(cache_path: Path, key: str, samples: Sequence[Sample]) -> CachedImages | None:
-    import json
-
     meta_path = cache_path.with_suffix(".json")
     if not cache_path.is_file() or not meta_path.is_file():
         return None
@@ -370,21 +423,69 @@ def _read_cache(cache_path: Path, key: str, samples: Sequence[Sample]) -> Cached
     return _as_cached(samples, pixels, ok, errors)
 
 
-def _write_cache(
+def _partial_paths(cache_path: Path) -> tuple[Path, Path]:
+    """The `.npy` being filled and its progress file (key, one mark per image, errors so far)."""
+    return cache_path.with_suffix(".partial.npy"), cache_path.with_suffix(".progress.json")
+
+
+def _open_partial(
+    cache_path: Path, key: str, shape: tuple[int, ...]
+) -> tuple[np.ndarray, bytearray, dict[int, str]]:
+    """The memory-mapped array of an unfinished build with the same key, or a new one (sparse on disk).
+
+    The progress file is only written after the pixels it marks done were flushed, so a mark always means
+    the pixels are on disk; a different key (files added, removed or changed) starts over.
+    """
+    partial, progress = _partial_paths(cache_path)
+    try:
+        record = json.loads(progress.read_text())
+        if record.get("key") == key and len(record["state"]) == shape[0] and partial.is_file():
+            pixels = np.load(partial, mmap_mode="r+")
+            if pixels.shape == shape and pixels.dtype == np.uint8:
+                state = bytearray(record["state"].encode("ascii"))
+                logger.info(
+                    "Resuming the decoded image cache %s: %d of %d images already done",
+                    cache_path, sum(1 for mark in state if mark != PENDING[0]), shape[0],
+                )  # fmt: skip
+                return pixels, state, {int(k): v for k, v in record["errors"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no usable progress: start over
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (cache_path, cache_path.with_suffix(".json"), progress):
+        stale.unlink(missing_ok=True)  # a finished cache of other files must not meet this build's key
+    pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    return pixels, bytearray(PENDING * shape[0]), {}
+
+
+def _save_progress(
+    cache_path: Path, key: str, pixels: np.ndarray, state: bytearray, errors: dict[int, str]
+) -> None:
+    from finetune.checkpoint import write_json
+
+    pixels.flush()  # pixels first: the marks written next must never claim pixels still in memory
+    record = {"key": key, "state": bytes(state).decode("ascii"), "errors": dict(errors)}
+    write_json(_partial_paths(cache_path)[1], record)
+
+
+def _finish_cache(
     cache_path: Path, key: str, pixels: np.ndarray, ok: np.ndarray, errors: dict[int, str]
 ) -> None:
-    from finetune.checkpoint import atomic_write, write_json
+    """Metadata first, then the rename: a `.npy` with its `.json` is always a complete cache."""
+    from finetune.checkpoint import write_json
 
-    atomic_write(cache_path, lambda tmp: np.save(tmp.open("wb"), pixels))
+    partial, progress = _partial_paths(cache_path)
+    pixels.flush()
     write_json(cache_path.with_suffix(".json"), {"key": key, "ok": ok.tolist(), "errors": errors})
+    os.replace(partial, cache_path)
+    progress.unlink(missing_ok=True)
 
 
 def _as_cached(
-    samples: Sequence[Sample], pixels: Any, ok: np.ndarray, errors: dict[int, str]
+    samples: Sequence[Sample], pixels: np.ndarray, ok: np.ndarray, errors: dict[int, str]
 ) -> CachedImages:
     keep = np.flatnonzero(ok)
     return CachedImages(
-        pixels=torch.from_numpy(np.ascontiguousarray(pixels[keep])),
+        pixels=CachedPixels(pixels, keep),
         targets=torch.tensor([samples[i].target for i in keep], dtype=torch.long),
         paths=[samples[i].path for i in keep],
         bad_files=[(samples[i].path, errors.get(i, "unreadable")) for i in np.flatnonzero(~ok)],

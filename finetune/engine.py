@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,12 +109,9 @@ def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
-def iterate_batches(
-    data: CachedImages, batch_size: int, dist: DistContext, **kwargs: Any
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 pixels, targets) batches of this rank's share of `data`."""
-    for index in batches(len(data), batch_size, rank=dist.rank, world_size=dist.world_size, **kwargs):
-        yield data.pixels[index], data.targets[index]
+def rank_batches(data: CachedImages, batch_size: int, dist: DistContext, **kwargs: Any) -> list[torch.Tensor]:
+    """Index batches of this rank's share of `data`; pixels are gathered one batch at a time, when used."""
+    return list(batches(len(data), batch_size, rank=dist.rank, world_size=dist.world_size, **kwargs))
 
 
 @torch.inference_mode()
@@ -244,25 +241,24 @@ def train_one_epoch(
     epoch_seed = s.seed * 7919 + epoch + dist.rank * 1_000_003
     generator = torch.Generator().manual_seed(epoch_seed)
     torch.manual_seed(epoch_seed)  # dropout / drop-path repeat on resume
-    shard = list(
-        iterate_batches(
-            data,
-            s.batch_size,
-            dist,
-            shuffle=True,
-            seed=s.seed,
-            epoch=epoch,
-            drop_last=True,
-            sample_weights=s.sample_weights,
-        )
+    shard = rank_batches(
+        data,
+        s.batch_size,
+        dist,
+        shuffle=True,
+        seed=s.seed,
+        epoch=epoch,
+        drop_last=True,
+        sample_weights=s.sample_weights,
     )
     total_loss = total_correct = total_seen = 0.0
     started = time.perf_counter()
     stopped = False
-    for step, (pixels, targets) in enumerate(shard, start=1):
+    for step, index in enumerate(shard, start=1):
         if should_stop is not None and dist.any_true(should_stop()):
             stopped = True
             break
+        pixels, targets = data.pixels[index], data.targets[index]  # one batch read from the cache
         inputs = augment(pixels, s.mean, s.std, generator, hflip=s.hflip).to(precision.device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(precision.device)

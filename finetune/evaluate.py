@@ -105,9 +105,10 @@ def evaluate_folder(
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """Metrics dict (top1, top5, n, per_class, bad_files), confusion matrix and labels."""
     from finetune.checkpoint import load_run
-    from finetune.errors import ImageError
-    from finetune.inference import create_classifier, parse_tta
+    from finetune.file_predict import classify_files
+    from finetune.inference import parse_tta
     from finetune.reports import classes_without_images, classification_report, confusion_matrix
+    from finetune.runtime import create_classifier
 
     run = load_run(checkpoint)
     classifier = create_classifier(run, runtime=runtime, batch_size=batch_size)
@@ -115,20 +116,19 @@ def evaluate_folder(
     files, subset = held_out if held_out is not None else (labelled_files(data_dir, run.labels), "folder")
     scales = parse_tta(tta)
     probs_parts, targets, bad = [], [], []
-    for start in range(0, len(files), batch_size):
-        images, batch_targets = [], []
-        for path, target in files[start : start + batch_size]:
-            try:
-                images.append(classifier.open(path))
-                batch_targets.append(target)
-            except ImageError as error:
-                bad.append({"path": str(path), "error": str(error)})
-        if images:
-            probs_parts.append(classifier.predict_probs(images, tta=scales))
-            targets.extend(batch_targets)
+    for outcomes in classify_files(
+        classifier, files, lambda item: classifier.open(item[0]), chunk_size=batch_size, tta=scales
+    ):
+        for outcome in outcomes:
+            path, target = outcome.item
+            if outcome.probs is None:
+                bad.append({"path": str(path), "error": outcome.error})
+            else:
+                probs_parts.append(outcome.probs)
+                targets.append(target)
     if not targets:
         raise DatasetError(f"none of the {len(files)} images in '{data_dir}' could be read.")
-    probs = np.concatenate(probs_parts)
+    probs = np.stack(probs_parts)
     target_array = np.array(targets)
     ranked = np.argsort(-probs, axis=1)[:, :5]
     matrix = confusion_matrix(target_array, ranked[:, 0], len(run.labels))

@@ -1,9 +1,10 @@
 """Batched inference on a loaded run, on PyTorch or ONNX Runtime: preprocessing, probabilities, top-k, once.
 
 `finetune.predict`, `finetune.evaluate` and the app's service all classify through a `Classifier` made by
-`create_classifier(run, runtime)`, so both runtimes share one preprocessing path (the run's own resize and
-crop from `modeling.split_eval_transform`, normalised straight into one float32 batch), one label order and
-one way of reporting top-k; they differ only in what computes the logits.
+`finetune.runtime.create_classifier(run, runtime)` (it knows how files are exported; this module does not),
+and files through `finetune.file_predict.classify_files`, so both runtimes share one preprocessing path (the
+run's own resize and crop from `modeling.split_eval_transform`, normalised straight into one float32 batch),
+one label order and one way of reporting top-k; they differ only in what computes the logits.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from finetune.checkpoint import LoadedRun
-from finetune.errors import CheckpointError, ConfigError, ImageError, RuntimeUnavailableError
+from finetune.errors import CheckpointError, ConfigError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
 from finetune.modeling import draft_size_for, split_eval_transform
 
@@ -54,15 +54,6 @@ class Prediction:
     def as_dict(self) -> dict[str, float]:
         """`{label: prob}`, the shape `gr.Label` expects."""
         return dict(zip(self.labels, self.probs, strict=True))
-
-
-@dataclass
-class FileResult:
-    """One row of a folder prediction: a prediction, or the reason the file could not be classified."""
-
-    path: Path
-    prediction: Prediction | None = None
-    error: str | None = None
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
@@ -138,13 +129,22 @@ class Classifier:
         copy out of PIL, then a single multiply-subtract written straight into the batch. `zoom` != 1 gives a
         test-time view (see `predict_probs`).
         """
-        geometry = self._view(zoom)
-        batch = np.empty((len(images), 3, self._height, self._width), np.float32)
-        for out, image in zip(batch, images, strict=True):
-            if image.mode != "RGB":
-                image = open_image(image)
-            pixels = np.asarray(geometry(image))  # (H, W, 3) uint8
-            np.multiply(pixels.transpose(2, 0, 1), self._scale, out=out)
+        return self.normalize([self.view_pixels(image, zoom) for image in images])
+
+    def view_pixels(self, image: Image.Image, zoom: float = 1.0) -> np.ndarray:
+        """One image's eval resize and crop as (3, H, W) uint8: the per-image half of `preprocess`.
+
+        Thread-safe, so `finetune.file_predict` runs it on the decoding threads, beside the forward pass.
+        """
+        if image.mode != "RGB":
+            image = open_image(image)
+        return np.asarray(self._view(zoom)(image)).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def normalize(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """(3, H, W) uint8 views into one normalised (N, 3, H, W) float32 batch."""
+        batch = np.empty((len(pixels), 3, self._height, self._width), np.float32)
+        for out, view in zip(batch, pixels, strict=True):
+            np.multiply(view, self._scale, out=out)
             out -= self._shift
         return torch.from_numpy(batch)
 
@@ -162,41 +162,23 @@ class Classifier:
         `tta` (test-time augmentation) is a list of zoom factors: each image is also viewed with its crop
         zoomed in (> 1) or out (< 1, down to the whole shorter side); the views' probabilities are averaged.
         """
-        if not images:
-            return np.zeros((0, len(self.labels)), np.float32)
         zooms = tuple(tta) if tta else (1.0,)
-        views = [self.preprocess(images, zoom) for zoom in zooms]
-        probs = softmax(self.predict_logits(views[0] if len(views) == 1 else torch.cat(views)))
-        return probs.reshape(len(zooms), len(images), -1).mean(axis=0)
+        return self.predict_views([[self.view_pixels(image, zoom) for image in images] for zoom in zooms])
+
+    def predict_views(self, views: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Softmax probabilities of `view_pixels` views (`views[z][n]`: image n, zoom z), zooms averaged."""
+        count = len(views[0]) if views else 0
+        if count == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        batch = torch.cat([self.normalize(per_zoom) for per_zoom in views])
+        probs = softmax(self.predict_logits(batch))
+        return probs.reshape(len(views), count, -1).mean(axis=0)
 
     def predict(
         self, images: Sequence[Image.Image], k: int = 5, tta: Sequence[float] | None = None
     ) -> list[Prediction]:
         """Top-k labels for each image."""
         return top_k(self.predict_probs(images, tta), self.labels, k)
-
-    def predict_files(
-        self, paths: Iterable[Path], k: int = 5, tta: Sequence[float] | None = None
-    ) -> Iterator[FileResult]:
-        """Classify files in batches of `batch_size`, decoding on all cores; bad files become error rows."""
-        paths = list(paths)
-        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
-            for start in range(0, len(paths), self.batch_size):
-                chunk = paths[start : start + self.batch_size]
-                opened = list(pool.map(self._try_open, chunk))
-                good = [image for image in opened if isinstance(image, Image.Image)]
-                predictions = iter(self.predict(good, k, tta))
-                for path, image in zip(chunk, opened, strict=True):
-                    if isinstance(image, Image.Image):
-                        yield FileResult(Path(path), prediction=next(predictions))
-                    else:
-                        yield FileResult(Path(path), error=image)
-
-    def _try_open(self, path: Path) -> Image.Image | str:
-        try:
-            return self.open(path)
-        except ImageError as error:
-            return str(error)
 
     def _view(self, zoom: float) -> Any:
         """A zoomed view's resize and crop: the crop covers crop_pct / zoom of the shorter side (max 1)."""
@@ -305,39 +287,6 @@ def create_session(onnx_path: Path, threads: int | None = None) -> Any:
             f"'{onnx_path}' is not a usable ONNX model ({str(error).splitlines()[0][:200]}); delete it and "
             "re-export with `python -m finetune.export RUN_DIR --onnx`."
         ) from error
-
-
-def create_classifier(run: LoadedRun, runtime: str = "auto", batch_size: int = 32) -> Classifier:
-    """The classifier for `run` on the requested runtime; every inference caller goes through here.
-
-    "torch" runs PyTorch. "onnx" runs ONNX Runtime on the run's `model.onnx`, exporting it first (into the run
-    folder, or a cache folder when that is read-only) if it is missing or stale; failures are errors. "auto"
-    does the same but falls back to PyTorch with a warning when onnxruntime is missing or export fails.
-    "onnx-int8" serves the quantized `model.int8.onnx` (opt-in: faster, probabilities not exactly FP32's),
-    quantizing and checking it first if needed (see `finetune.quantize`); failures are errors.
-    """
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"invalid runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}.")
-    if runtime == "torch":
-        return Classifier(run, batch_size=batch_size)
-    from finetune.export import load_onnx_classifier  # export builds on this module, so import late
-
-    if runtime in ("onnx", "onnx-int8"):
-        if not has_module("onnxruntime"):
-            raise RuntimeUnavailableError(f"--runtime {runtime} needs onnxruntime: {ONNX_INSTALL_HINT}.")
-        return load_onnx_classifier(run, batch_size=batch_size, int8=runtime == "onnx-int8")
-    if not has_module("onnxruntime"):
-        logger.info("onnxruntime is not installed; serving with PyTorch (pip install onnxruntime for speed).")
-        return Classifier(run, batch_size=batch_size)
-    try:
-        return load_onnx_classifier(run, batch_size=batch_size)
-    except Exception as error:  # any export or load failure: PyTorch still gives the same answers
-        logger.warning(
-            "ONNX Runtime is not available for this run (%s: %s); using PyTorch instead.",
-            type(error).__name__,
-            str(error).splitlines()[0][:300] if str(error) else "",
-        )
-        return Classifier(run, batch_size=batch_size)
 
 
 def add_inference_arguments(parser: Any) -> None:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+import torch
+
 from finetune.cli import configure_logging, run_cli
-from finetune.errors import ImageError
+from finetune.distributed import init_distributed, shutdown_distributed
 from finetune.images import is_image_file
-from finetune.inference import add_inference_arguments, parse_tta
+from finetune.inference import add_inference_arguments, available_cores, parse_tta
 from finetune.safe_text import csv_safe_row
 
 BASE_COLUMNS = ["path", "label", "prob", "error"]
@@ -53,23 +57,23 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 def predict_rows(
     classifier: Any, files: Sequence[Path], top_k: int, batch_size: int, tta: Sequence[float] | None = None
-) -> Iterator[dict[str, Any]]:
-    """CSV rows in input order, classifying in batches; unreadable files yield a row with `error`."""
+) -> Iterator[list[dict[str, Any]]]:
+    """CSV rows in input order, one list per chunk of `batch_size` files; unreadable files get `error`."""
+    from finetune.file_predict import classify_files
     from finetune.inference import top_k as rank
 
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images, errors = {}, {}
-        for index, path in enumerate(chunk):
-            try:
-                images[index] = classifier.open(path)
-            except ImageError as error:
-                errors[index] = str(error)
-        probs = classifier.predict_probs(list(images.values()), tta=tta)
-        predictions = iter(rank(probs, classifier.labels, top_k))
-        for index, path in enumerate(chunk):
-            row: dict[str, Any] = {"path": str(path), "label": "", "prob": "", "error": errors.get(index, "")}
-            if index in images:
+    for outcomes in classify_files(classifier, files, chunk_size=batch_size, tta=tta):
+        good = [outcome.probs for outcome in outcomes if outcome.probs is not None]
+        predictions = iter(rank(np.stack(good), classifier.labels, top_k) if good else [])
+        rows = []
+        for outcome in outcomes:
+            row: dict[str, Any] = {
+                "path": str(outcome.item),
+                "label": "",
+                "prob": "",
+                "error": outcome.error or "",
+            }
+            if outcome.probs is not None:
                 prediction = next(predictions)
                 row.update(label=prediction.label, prob=f"{prediction.prob:.6f}")
                 for rank_index, (label, prob) in enumerate(
@@ -77,7 +81,8 @@ def predict_rows(
                 ):
                     row[f"top{rank_index}_label"] = label
                     row[f"top{rank_index}_prob"] = f"{prob:.6f}"
-            yield row
+            rows.append(row)
+        yield rows
 
 
 def columns(top_k: int) -> list[str]:
@@ -94,35 +99,109 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from finetune.checkpoint import load_checkpoint_or_default
     from finetune.errors import ConfigError
-    from finetune.inference import create_classifier
+    from finetune.runtime import create_classifier
 
     if args.top_k < 1:
         raise ConfigError(f"invalid --top-k {args.top_k}; use 1 or more.")
+    dist = init_distributed("cpu")
+    if dist.is_distributed and args.out is None:
+        raise ConfigError("under torchrun, pass --out FILE.csv: each process writes its part, then one CSV.")
     files = expand_paths(args.paths)
     if not files:
         raise ConfigError(f"no image files found in {', '.join(str(p) for p in args.paths)}.")
+    if dist.is_distributed:
+        _share_cores(dist.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     run = load_checkpoint_or_default(args.checkpoint)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 exports (or quantizes) once; the others then find its file
     classifier = create_classifier(run, runtime=args.runtime, batch_size=args.batch_size)
+    if dist.is_main:
+        dist.barrier()
     top_k = min(args.top_k, len(run.labels))
     tta = parse_tta(args.tta)
     if args.out is None:
-        return _write_csv(sys.stdout, classifier, files, top_k, args.batch_size, tta)
+        return _write_csv(sys.stdout, classifier, files, top_k, args.batch_size, tta, args.quiet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="", encoding="utf-8") as stream:
-        status = _write_csv(stream, classifier, files, top_k, args.batch_size, tta)
-    print(f"Wrote {len(files)} rows to {args.out}", file=sys.stderr)
+    share = files[shard(len(files), dist.rank, dist.world_size)]
+    part = part_path(args.out, dist.rank, dist.world_size)
+    with part.open("w", newline="", encoding="utf-8") as stream:
+        status = _write_csv(
+            stream, classifier, share, top_k, args.batch_size, tta, args.quiet or not dist.is_main
+        )
+    if dist.is_distributed:
+        dist.barrier()  # every part is complete before rank 0 joins them
+        if dist.is_main:
+            merge_parts(
+                args.out, [part_path(args.out, rank, dist.world_size) for rank in range(dist.world_size)]
+            )
+        shutdown_distributed()
+    if dist.is_main:
+        print(f"Wrote {len(files)} rows to {args.out}", file=sys.stderr)
     return status
 
 
+def _share_cores(local_rank: int, local_world_size: int) -> None:
+    """The processes of a node split its cores (every `local_world_size`-th core from `local_rank`).
+
+    Each process would otherwise size PyTorch's, ONNX Runtime's and the decoders' threads to every core, and
+    N processes would run N times as many threads as cores. Pinning also bounds ORT, which reads the
+    process's affinity (`available_cores`) when it creates its session.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    mine = cores[local_rank % max(1, len(cores)) :: local_world_size] if cores else []
+    if mine:
+        os.sched_setaffinity(0, mine)
+    torch.set_num_threads(max(1, len(mine) or (available_cores() // local_world_size)))
+
+
+def shard(count: int, rank: int, world_size: int) -> slice:
+    """This process's contiguous share of the files, so the parts joined in rank order are in input order."""
+    per_rank = -(-count // world_size)
+    return slice(rank * per_rank, min(count, (rank + 1) * per_rank))
+
+
+def part_path(out: Path, rank: int, world_size: int) -> Path:
+    """Where one process streams its rows: `out` itself for a single process, else a part file beside it."""
+    return out if world_size == 1 else out.with_name(f"{out.name}.part{rank}-of-{world_size}")
+
+
+def merge_parts(out: Path, parts: Sequence[Path]) -> None:
+    """Join the parts in rank order under one header (each part has its own), then remove them."""
+    import shutil
+
+    with out.open("w", newline="", encoding="utf-8") as merged:
+        for number, part in enumerate(parts):
+            with part.open(encoding="utf-8", newline="") as stream:
+                header = stream.readline()
+                if number == 0:
+                    merged.write(header)
+                shutil.copyfileobj(stream, merged)
+    for part in parts:
+        part.unlink()
+
+
 def _write_csv(
-    stream: TextIO, classifier: Any, files: Sequence[Path], top_k: int, batch_size: int, tta: Any
+    stream: TextIO,
+    classifier: Any,
+    files: Sequence[Path],
+    top_k: int,
+    batch_size: int,
+    tta: Any,
+    quiet: bool = False,
 ) -> int:
+    """Stream rows as they come, flushed per chunk: a crash at file 900,000 keeps the rows before it."""
+    from tqdm import tqdm
+
     writer = csv.DictWriter(stream, fieldnames=columns(top_k), extrasaction="ignore")
     writer.writeheader()
     failures = 0
-    for row in predict_rows(classifier, files, top_k, batch_size, tta):
-        writer.writerow(csv_safe_row(row))  # a file or class named "=HYPERLINK(...)" stays text
-        failures += bool(row["error"])
+    with tqdm(total=len(files), unit="img", disable=quiet, file=sys.stderr, desc="predict") as bar:
+        for rows in predict_rows(classifier, files, top_k, batch_size, tta):
+            for row in rows:
+                writer.writerow(csv_safe_row(row))  # a file or class named "=HYPERLINK(...)" stays text
+                failures += bool(row["error"])
+            stream.flush()
+            bar.update(len(rows))
     if failures:
         print(
             f"{failures} of {len(files)} file(s) could not be classified (see the error column).",

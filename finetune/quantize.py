@@ -27,6 +27,7 @@ import random
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +37,9 @@ from PIL import Image, ImageOps
 from finetune.checkpoint import LoadedRun
 from finetune.data import Sample
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
+from finetune.file_predict import open_files
 from finetune.images import open_image
-from finetune.inference import META_PRECISION, OnnxClassifier, compare_runtimes, has_module
+from finetune.inference import META_PRECISION, OnnxClassifier, available_cores, compare_runtimes, has_module
 from finetune.split import SPLIT_FILE, read_split
 
 logger = logging.getLogger(__name__)
@@ -191,9 +193,16 @@ def _run_dataset_images(run: LoadedRun, seed: int) -> QuantizationImages | None:
             "%d of the run's images changed or went missing since training (%s); the INT8 check uses only "
             "the unchanged ones", changed, record.data_dir,
         )  # fmt: skip
-    calibration = _open_all(kept["train"])
-    opened = [(sample, _try_open(sample.path)) for sample in kept["val"]]
-    checked = [(sample, image) for sample, image in opened if image is not None]
+    with ThreadPoolExecutor(available_cores()) as pool:  # the prediction path's opener, on all cores
+        train_images = open_files([sample.path for sample in kept["train"]], open_image, pool)
+        val_images = open_files([sample.path for sample in kept["val"]], open_image, pool)
+    # bad files were already reported when the run was trained; here they are only left out
+    calibration = [image for image in train_images if isinstance(image, Image.Image)]
+    checked = [
+        (sample, image)
+        for sample, image in zip(kept["val"], val_images, strict=True)
+        if isinstance(image, Image.Image)
+    ]
     if not calibration or not checked:
         logger.info("No unchanged images of the run's split are left in %s; using photos", record.data_dir)
         return None
@@ -223,17 +232,6 @@ def _round_robin(samples: Sequence[Sample], limit: int, seed: int) -> list[Sampl
             elif len(chosen) < limit:
                 chosen.append(sample)
     return chosen
-
-
-def _open_all(samples: Sequence[Sample]) -> list[Image.Image]:
-    return [image for image in (_try_open(sample.path) for sample in samples) if image is not None]
-
-
-def _try_open(path: Path) -> Image.Image | None:
-    try:
-        return open_image(path)
-    except ImageError:
-        return None  # bad files were already reported when the run was trained
 
 
 def _random_view(photo: Image.Image, rng: random.Random) -> Image.Image:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_digits_folder
 from PIL import Image
 
@@ -79,9 +80,9 @@ def test_cache_skips_bad_files_and_is_reused(tmp_path: Path) -> None:
     assert len(cached) == 8
     assert tuple(cached.pixels.shape) == (8, 3, 48, 48)
     assert sorted(p.name for p, _ in cached.bad_files) == ["broken.png", "empty.jpg"]
-    assert cached.pixels.float().std() > 10  # real digits, not zeros
+    assert cached.pixels[:].float().std() > 10  # real digits, not zeros
     again = build_cache(samples, lambda image: pytest.fail("cache should be reused"), 48, cache_path)
-    assert (again.pixels == cached.pixels).all()
+    assert torch.equal(again.pixels[:], cached.pixels[:])
 
 
 def test_cached_pixels_match_the_eval_transform(tmp_path: Path) -> None:
@@ -163,3 +164,99 @@ def test_test_folder_classes_must_be_training_classes(tmp_path: Path) -> None:
     write_digits_folder(tmp_path / "test", classes=(0, 7), per_class=2)
     with pytest.raises(DatasetError, match="test/ folder of .* has classes that train/ lacks: digit_7"):
         scan_dataset(tmp_path)
+
+
+def test_interrupted_cache_build_resumes_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped decode keeps its images on disk; the next build decodes only the rest, a changed list all."""
+    import finetune.data
+    from finetune.errors import StoppedError
+
+    monkeypatch.setattr(finetune.data, "PROGRESS_EVERY", 4)
+    root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=12)
+    samples = scan_dataset(root, val_fraction=0.25).train
+    created = create_model_and_transforms("test_efficientnet", 2, weights="none", img_size=48)
+    geometric, _, _ = split_eval_transform(created.data_config)
+    decoded: list[Path] = []
+
+    def counting(image: Image.Image) -> Image.Image:
+        decoded.append(image)
+        return geometric(image)
+
+    cache_path = tmp_path / "cache" / "train_48.npy"
+    with pytest.raises(StoppedError, match=f"8 of {len(samples)} are decoded and kept"):
+        build_cache(samples, counting, 48, cache_path, workers=1, should_stop=lambda: len(decoded) >= 8)
+    assert not cache_path.exists() and cache_path.with_suffix(".progress.json").is_file()
+    decoded.clear()
+    resumed = build_cache(samples, counting, 48, cache_path, workers=1)
+    assert len(decoded) == len(samples) - 8  # only the images the first build did not reach
+    assert cache_path.is_file() and not cache_path.with_suffix(".progress.json").exists()
+    in_memory = build_cache(samples, geometric, 48)
+    assert torch.equal(resumed.pixels[:], in_memory.pixels[:])
+    assert resumed.paths == in_memory.paths
+
+    decoded.clear()
+    with pytest.raises(StoppedError):
+        build_cache(samples[1:], counting, 48, cache_path, workers=1, should_stop=lambda: len(decoded) >= 4)
+    decoded.clear()
+    other = build_cache(samples, counting, 48, cache_path, workers=1)  # the file list changed again
+    assert len(decoded) == len(samples)  # a progress file of other files is never reused
+    assert torch.equal(other.pixels[:], in_memory.pixels[:])
+
+
+LIMITED_TRAINING = """
+import json, resource, sys
+from pathlib import Path
+from finetune.config import TrainConfig
+from finetune.evaluate import evaluate_folder
+from finetune.trainer import fine_tune
+
+small, data, out = map(Path, sys.argv[1:4])
+headroom, size = map(int, sys.argv[4:6])
+def status_bytes(field):  # VmData: private writable memory, what RLIMIT_DATA counts (not shared file maps)
+    lines = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+def train(folder, run):
+    fine_tune(TrainConfig(
+        data_dir=folder, out=run, model="test_efficientnet", weights="none", img_size=size,
+        strategy="finetune", epochs=1, batch_size=8, quiet=True, workers=2,
+    ))
+    return evaluate_folder(folder, str(run), runtime="torch")[0]
+train(small, out.with_name("warmup"))  # what training and evaluation need besides the cache
+freed_since_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - status_bytes("VmRSS")
+limit = status_bytes("VmData") + max(0, freed_since_peak) + headroom
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+metrics = train(data, out)
+print(json.dumps({"n": metrics["n"], "top1": metrics["top1"]}))
+"""
+
+
+def test_training_on_a_cache_larger_than_the_memory_limit(tmp_path: Path) -> None:
+    """RLIMIT_DATA caps private memory below what training needs plus the cache: training still runs.
+
+    The limit is the peak of a warm-up run with the same validation folder but 4 training images per class
+    (imports, model, optimizer, activations, evaluation batches) plus a headroom of less than half the big
+    run's cache. The cache is a shared file mapping (not counted by RLIMIT_DATA) and batches are gathered
+    from it, so only a batch of pixels is ever in private memory; a cache held in RAM raises MemoryError.
+    """
+    import json
+    import subprocess
+    import sys
+
+    size, per_class, val_per_class = 320, 100, 22  # 66 validation images: full evaluation batches of 64
+    small, big = tmp_path / "small", tmp_path / "big"
+    for root, train_per_class in ((small, 4), (big, per_class)):
+        write_digits_folder(root / "train", classes=(0, 1, 2), per_class=train_per_class)
+        write_digits_folder(root / "val", classes=(0, 1, 2), per_class=val_per_class)
+    cache_bytes = 3 * (per_class + val_per_class) * 3 * size * size  # ~112 MB of train_320.npy + val_320.npy
+    headroom = 40 * 2**20
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED_TRAINING, str(small), str(big), str(tmp_path / "run"), str(headroom),
+         str(size)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "run" / ".cache").glob("*.npy"))
+    assert on_disk > cache_bytes > 2 * headroom
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 3 * val_per_class

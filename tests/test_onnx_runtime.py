@@ -22,8 +22,10 @@ from PIL import Image
 from finetune.checkpoint import load_default_run, load_run
 from finetune.errors import ConfigError, RuntimeUnavailableError
 from finetune.export import ONNX_FILE, main, weights_fingerprint
+from finetune.file_predict import classify_files
 from finetune.images import open_image
-from finetune.inference import Classifier, OnnxClassifier, create_classifier, parse_tta
+from finetune.inference import Classifier, OnnxClassifier, parse_tta
+from finetune.runtime import create_classifier
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -177,18 +179,20 @@ def test_parse_tta_reads_scales_and_rejects_nonsense() -> None:
             parse_tta(bad)
 
 
-def test_predict_files_batches_a_folder_and_reports_bad_files(
+def test_classify_files_chunks_a_folder_and_reports_bad_files(
     exported_run_dir: Path, photo_dir: Path, tmp_path: Path
 ) -> None:
     classifier = create_classifier(load_run(exported_run_dir), "onnx", batch_size=3)
     bad = tmp_path / "not-an-image.jpg"
     bad.write_bytes(b"plain text")
     paths = [*sorted(photo_dir.glob("*.jpg")), bad]
-    rows = list(classifier.predict_files(paths, k=2))
-    assert [row.path for row in rows] == paths
-    assert rows[-1].prediction is None and "not an image" in rows[-1].error
-    expected = classifier.predict([classifier.open(path) for path in paths[:-1]], k=2)
-    assert [row.prediction for row in rows[:-1]] == expected
+    chunks = list(classify_files(classifier, paths))
+    assert [len(chunk) for chunk in chunks] == [3, 2]  # chunks of the classifier's batch size
+    rows = [outcome for chunk in chunks for outcome in chunk]
+    assert [row.item for row in rows] == paths
+    assert rows[-1].probs is None and "not an image" in rows[-1].error
+    expected = classifier.predict_probs([classifier.open(path) for path in paths[:-1]])
+    assert np.allclose(np.stack([row.probs for row in rows[:-1]]), expected, atol=1e-6)
 
 
 def test_onnx_classifier_answers_concurrent_requests_like_sequential_ones(exported_run_dir: Path) -> None:

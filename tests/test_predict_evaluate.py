@@ -119,3 +119,80 @@ def test_predict_bad_checkpoint_is_a_one_line_error(tmp_path: Path, photo_dir: P
     result = run_module("finetune.predict", str(photo_dir / "chelsea.jpg"), "--checkpoint", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "config.json" in result.stderr
+
+
+def one_file_at_a_time(classifier, files: list[Path]) -> list[str]:  # noqa: ANN001
+    """The old loop's answers: each file opened and classified alone."""
+    return [classifier.predict([classifier.open(path)], k=1)[0].label for path in files]
+
+
+def test_streamed_csv_keeps_the_rows_of_chunks_done_before_a_crash(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A classifier that fails on its third chunk: the first two chunks are on disk, complete, in order."""
+    from finetune.checkpoint import load_run
+    from finetune.inference import Classifier
+    from finetune.predict import _write_csv, expand_paths
+
+    run_dir, val_dir = trained
+
+    class FailsOnThirdChunk(Classifier):
+        chunks = 0
+
+        def predict_views(self, views):  # noqa: ANN001, ANN202
+            FailsOnThirdChunk.chunks += 1
+            if FailsOnThirdChunk.chunks == 3:
+                raise RuntimeError("simulated crash")
+            return super().predict_views(views)
+
+    classifier = FailsOnThirdChunk(load_run(run_dir), batch_size=4)
+    files = expand_paths([val_dir])
+    out = tmp_path / "preds.csv"
+    stream = out.open("w", newline="", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="simulated"):
+        _write_csv(stream, classifier, files, 1, 4, None, quiet=True)
+    rows = list(csv.DictReader(out.open()))  # read before closing: only the per-chunk flushes put rows there
+    stream.close()
+    assert [row["path"] for row in rows] == [str(path) for path in files[:8]]
+    assert [row["label"] for row in rows] == one_file_at_a_time(Classifier(load_run(run_dir)), files[:8])
+
+
+def test_predict_and_evaluate_give_the_one_file_at_a_time_labels(trained: tuple[Path, Path]) -> None:
+    from finetune.checkpoint import load_run
+    from finetune.evaluate import evaluate_folder
+    from finetune.inference import Classifier
+    from finetune.predict import expand_paths, predict_rows
+
+    run_dir, val_dir = trained
+    classifier = Classifier(load_run(run_dir), batch_size=5)
+    files = expand_paths([val_dir])
+    rows = [row for chunk in predict_rows(classifier, files, 1, 5) for row in chunk]
+    expected = one_file_at_a_time(classifier, files)
+    assert [row["label"] for row in rows] == expected
+    metrics, _, labels = evaluate_folder(val_dir, str(run_dir), batch_size=5, runtime="torch")
+    truth = [Path(path).parent.name for path in files]
+    assert metrics["n"] == len(files)
+    assert metrics["top1"] == pytest.approx(sum(map(str.__eq__, expected, truth)) / len(files))
+
+
+@pytest.mark.distributed
+def test_torchrun_predict_writes_the_one_process_csv(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two processes shard the files and join their parts: the same bytes as one process writes."""
+    import os
+
+    run_dir, val_dir = trained
+    (tmp_path / "broken.png").write_text("not an image")  # an error row sorts last: in the second shard
+    args = [str(val_dir), str(tmp_path / "broken.png"), "--checkpoint", str(run_dir), "--runtime", "torch",
+            "--top-k", "2", "--batch-size", "4", "--quiet"]  # fmt: skip
+    single = run_module("finetune.predict", *args, "--out", str(tmp_path / "one.csv"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    sharded = subprocess.run(
+        [*launcher, "-m", "finetune.predict", *args, "--out", str(tmp_path / "two.csv")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert len((tmp_path / "one.csv").read_text().splitlines()) == 1 + 18 + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "one.csv", "two.csv"]  # parts gone

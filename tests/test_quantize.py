@@ -19,8 +19,9 @@ from finetune.checkpoint import load_run
 from finetune.errors import CheckpointError, RuntimeUnavailableError
 from finetune.export import ONNX_FILE, main, weights_fingerprint
 from finetune.images import open_image
-from finetune.inference import META_PRECISION, OnnxClassifier, create_classifier
+from finetune.inference import META_PRECISION, OnnxClassifier
 from finetune.quantize import INT8_FILE, read_int8_report
+from finetune.runtime import create_classifier
 from finetune.split import SPLIT_FILE, read_split, write_split
 
 NO_EXPORTS = shutil.ignore_patterns("*.onnx")
