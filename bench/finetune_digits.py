@@ -91,7 +91,7 @@ def linear_probe_baseline(train_dir: Path, test_dir: Path) -> tuple[float, float
             for start in range(0, len(samples), 64):
                 batch = torch.stack([transform(open_image(s.path)) for s in samples[start : start + 64]])
                 rows.append(model.forward_head(model.forward_features(batch), pre_logits=True).numpy())
-        return np.concatenate(rows), np.array([int(split.classes[s.target]) for s in samples])
+        return np.concatenate(rows), np.array([split.classes[s.target] for s in samples])
 
     train_x, train_y = features(train_dir)
     test_x, test_y = features(test_dir)
