@@ -8,7 +8,7 @@ One run builds each set as class folders (train/ and a held-out test/), then, si
 - plain: a ~60-line loop, full fine-tune at 128 px, AdamW, warmup + cosine, mild affine augmentation,
   6 epochs.
 
-Sets: sklearn digits (70/30 stratified, one split per seed), textures (64 px crops of six scikit-image photos,
+Sets: sklearn digits (70/30 stratified, one split per seed), textures (32 px crops of six scikit-image photos,
 one class per photo, train crops from the top half and test crops from the bottom half), faces (scikit-image's
 25 px LFW faces against non-faces, 70/30), and few-shot Fashion-MNIST (10 training images per class from
 /usr/share/datasets/fashion-mnist, `apt-get install dataset-fashion-mnist`; else digits with 10 per class).
@@ -49,7 +49,7 @@ def _save(image: np.ndarray, folder: Path, name: str) -> None:
     Image.fromarray(image).convert("RGB").save(folder / f"{name}.png")
 
 
-def build_textures(work: Path, seed: int, size: int = 64, train_n: int = 40, test_n: int = 20) -> None:
+def build_textures(work: Path, seed: int, size: int = 32, train_n: int = 40, test_n: int = 20) -> None:
     """Random crops per photo; train from the top half, test from the bottom half (disjoint regions)."""
     import skimage.data
 
