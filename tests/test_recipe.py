@@ -20,9 +20,9 @@ def _samples(tmp_path: Path, side: int, count: int) -> list[Sample]:
     return [Sample(paths[i % 2], i % 2) for i in range(count)]
 
 
-def test_many_small_images_train_the_whole_backbone_at_twice_their_size(tmp_path: Path) -> None:
+def test_many_small_images_train_at_twice_their_size_with_the_first_half_frozen(tmp_path: Path) -> None:
     plan = plan_recipe(_samples(tmp_path, 64, FEW_IMAGES + 600), native_size=224)
-    assert (plan.image_size, plan.frozen_groups) == (128, 0)
+    assert (plan.image_size, plan.frozen_groups) == (128, FREEZE_HALF)
 
 
 def test_many_photos_train_at_native_size_with_the_first_half_frozen(tmp_path: Path) -> None:
@@ -40,7 +40,6 @@ def test_explicit_size_and_frozen_groups_are_kept(tmp_path: Path) -> None:
     samples = _samples(tmp_path, 28, 80)
     assert plan_recipe(samples, 224, img_size=96, frozen_groups=3).image_size == 96
     assert plan_recipe(samples, 224, img_size=96, frozen_groups=3).frozen_groups == 3
-    # an explicit small size for many images still trains everything; at 224 the first half stays frozen
-    many = _samples(tmp_path, 400, FEW_IMAGES + 1)
-    assert plan_recipe(many, 224, img_size=96).frozen_groups == 0
-    assert plan_recipe(many, 224, img_size=224).frozen_groups == FREEZE_HALF
+    # an explicit size for few images still trains everything; for many, the first half stays frozen
+    assert plan_recipe(samples, 224, img_size=96).frozen_groups == 0
+    assert plan_recipe(_samples(tmp_path, 400, FEW_IMAGES + 1), 224, img_size=96).frozen_groups == FREEZE_HALF
