@@ -10,6 +10,8 @@ a plain full fine-tune at 128 px and to a 224 px linear probe on data unlike dig
 - Digits (64 px, ~1,000 training images, 128 px): training the whole backbone ran at 7-12 img/s on the
   shared cores (about 10 minutes for 6 epochs, against a 120 s target), so with many images the first half
   stays frozen, as before: it doubles training speed on CPU (lite0 at 224 px: 22 -> 42 img/s).
+  With it, digits seed 0 gave 99.26% (148 s, ~104 img/s when the cores were free); the 224 px probe 95.7%.
+- Faces vs non-faces (25 px, 140 images): 100% at 96 px and at 224 px, as the probe and the plain loop.
 """
 
 from __future__ import annotations
