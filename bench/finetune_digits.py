@@ -28,14 +28,14 @@ sys.path.insert(0, str(ROOT))
 TARGETS = {"top1": 0.990, "wall_s": 120.0, "peak_rss_gb": 2.0, "images_per_s_224": 40.0}
 
 
-def build_digits(work: Path) -> tuple[Path, Path]:
-    """70/30 stratified split of sklearn's digits as 64x64 RGB PNGs in class folders."""
+def build_digits(work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """70/30 stratified split (by `seed`) of sklearn's digits as 64x64 RGB PNGs in class folders."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     indices = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(indices, test_size=0.3, stratify=digits.target, random_state=0)
+    train_idx, test_idx = train_test_split(indices, test_size=0.3, stratify=digits.target, random_state=seed)
     for split, chosen in (("train", train_idx), ("test", test_idx)):
         for index in chosen:
             folder = work / split / str(digits.target[index])
@@ -91,7 +91,7 @@ def linear_probe_baseline(train_dir: Path, test_dir: Path) -> tuple[float, float
             for start in range(0, len(samples), 64):
                 batch = torch.stack([transform(open_image(s.path)) for s in samples[start : start + 64]])
                 rows.append(model.forward_head(model.forward_features(batch), pre_logits=True).numpy())
-        return np.concatenate(rows), np.array([int(split.classes[s.target]) for s in samples])
+        return np.concatenate(rows), np.array([split.classes[s.target] for s in samples])
 
     train_x, train_y = features(train_dir)
     test_x, test_y = features(test_dir)

@@ -93,8 +93,8 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     recipe.add_argument(
         "--frozen-groups", type=int, default=d["frozen_groups"],
-        help="leading layer groups (stem, then stages or blocks) kept frozen while fine-tuning; -1 = the "
-        "first half (generic features, and the costliest layers to train on a CPU), 0 = train everything",
+        help="leading layer groups (stem, then stages or blocks) kept frozen while fine-tuning; -1 = from "
+        "the data (none for few or small images, the first half for photos), 0 = train everything",
     )  # fmt: skip
     recipe.add_argument(
         "--train-bn",

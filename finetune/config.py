@@ -39,12 +39,12 @@ class TrainConfig:
     ema: bool = False  # evaluate, keep and save an exponential moving average of the weights (and buffers)
     ema_decay: float = 0.998  # EMA decay once warmed up (it rises from 0 as 1 - (1 + step) ** -0.75)
     balance: str = "auto"  # auto (loss weights when classes differ 3x or more) | none | loss | sampler
-    img_size: int = 0  # square train/eval size; 0 picks from the data (about 2x small images, else native)
+    img_size: int = 0  # square train/eval size; 0 picks from the data (finetune/recipe.py plan_recipe)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while fine-tuning (stable on small data)
     frozen_groups: int = (
         -1
-    )  # leading layer groups (stem first) kept frozen when fine-tuning; -1 = half of them
+    )  # leading layer groups (stem first) kept frozen when fine-tuning; -1 = from the data (recipe.py)
     val_fraction: float = 0.2  # share of each class held out when DATA_DIR has no val/ folder
     patience: int = 3  # early stopping: epochs without a better validation score
     probe_epochs: int = 60  # linear-probe epochs on cached features (cheap: the backbone runs once)

@@ -32,7 +32,6 @@ from finetune.data import (
     batches,
     build_cache,
     scan_dataset,
-    suggest_image_size,
     write_bad_files,
 )
 from finetune.distributed import DistContext, init_distributed
@@ -59,6 +58,7 @@ from finetune.modeling import (
     resolve_model_data_config,
     split_eval_transform,
 )
+from finetune.recipe import RecipePlan, plan_recipe
 from finetune.split import (
     SPLIT_FILE,
     compare_with_folder,
@@ -108,6 +108,7 @@ class _Run:
     val: CachedImages
     studio: dict[str, Any]
     test: CachedImages | None = None  # a test/ folder: evaluated once at the end, never used to choose
+    plan: RecipePlan | None = None  # resolution and frozen groups `auto` chose (finetune/recipe.py)
     class_weights: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -172,7 +173,8 @@ def _prepare(
     created = create_model_and_transforms(config.model, len(split.classes), config.weights)
     model = created.model
     native = int(created.data_config["input_size"][-1])
-    image_size = config.img_size or suggest_image_size(split.train, native)
+    plan = plan_recipe(split.train, native, config.img_size, config.frozen_groups)
+    image_size = plan.image_size
     data_config = resolve_model_data_config(model, image_size)
     geometric, mean, std = split_eval_transform(data_config)
     draft = draft_size_for(data_config)  # decode as inference does, so both see the same pixels
@@ -227,6 +229,7 @@ def _prepare(
             "num_bad_files": len(bad),
             "image_size": image_size,
         },
+        "plan": {"image_size": image_size, "frozen_groups": plan.frozen_groups, "reason": plan.reason},
         "precision": precision.name,
         "device": str(dist.device),
         "world_size": dist.world_size,
@@ -234,7 +237,7 @@ def _prepare(
     run = _Run(
         config=config, dist=dist, emit=emit, should_stop=stop, precision=precision, model=model,
         labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
-        val=caches["val"], studio=studio, test=caches.get("test"),
+        val=caches["val"], studio=studio, test=caches.get("test"), plan=plan,
     )  # fmt: skip
     _set_balance(run, counts)
     if bad and dist.is_main:
@@ -376,7 +379,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     """Full fine-tuning with early stopping; returns True when stopped by a request."""
     config = run.config
     model = run.model
-    _freeze_early_layers(model, config.frozen_groups)
+    _freeze_early_layers(model, run.plan.frozen_groups if run.plan else config.frozen_groups)
     lr = config.lr * config.batch_size / 32  # linear scaling rule for the global batch
     optimizer = create_optimizer_v2(
         model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,

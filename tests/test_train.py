@@ -54,6 +54,8 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["label_names"] == ["digit_0", "digit_1", "digit_2"]
     assert config["studio"]["train_config"]["epochs"] == 2
+    # the recipe plan (finetune/recipe.py): a given size is kept; few images train the whole backbone
+    assert (config["studio"]["plan"]["image_size"], config["studio"]["plan"]["frozen_groups"]) == (48, 0)
     assert config["studio"]["dataset"]["num_bad_files"] == 1
     metrics = config["studio"]["metrics"]
     assert {"torch", "timm"} <= set(config["studio"]["versions"])
@@ -219,7 +221,8 @@ def test_ema_warms_up_and_changes_the_weights_it_saves(tmp_path: Path) -> None:
     from finetune.modeling import create_model_and_transforms
 
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=12)
-    options = dict(strategy="finetune", epochs=3, batch_size=4, patience=10)
+    # 4 of the tiny model's 7 groups frozen: auto would train all of them on so few images
+    options = dict(strategy="finetune", epochs=3, batch_size=4, patience=10, frozen_groups=4)
     fine_tune(tiny_config(data, tmp_path / "plain", **options))
     fine_tune(tiny_config(data, tmp_path / "ema", ema=True, **options))
     plain = load_run(tmp_path / "plain")
@@ -229,7 +232,8 @@ def test_ema_warms_up_and_changes_the_weights_it_saves(tmp_path: Path) -> None:
     start = create_model_and_transforms(TINY_MODEL, 3, "none").model.state_dict()
     trained = [name for name, p in plain.model.named_parameters() if not torch.equal(p, start[name])]
     frozen = [name for name, _ in plain.model.named_parameters() if name not in trained]
-    assert trained and frozen  # the first half of the layer groups stays frozen, the rest trains
+    assert trained and frozen  # the first 4 layer groups stay frozen, the rest trains
+    assert plain.studio["plan"]["frozen_groups"] == 4
 
     def distance(a: dict, b: dict) -> float:
         return sum(float((a[name] - b[name]).float().norm() ** 2) for name in trained) ** 0.5

@@ -1,0 +1,45 @@
+"""The recipe planner picks what finetune/recipe.py's rule says, from real image files (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.data import Sample
+from finetune.recipe import FEW_IMAGES, FREEZE_HALF, plan_recipe
+
+
+def _samples(tmp_path: Path, side: int, count: int) -> list[Sample]:
+    """`count` samples over two real files of `side` px (the planner reads headers, not every file)."""
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"{side}_{index}.png"
+        Image.new("RGB", (side, side), (index * 200, 50, 50)).save(path)
+        paths.append(path)
+    return [Sample(paths[i % 2], i % 2) for i in range(count)]
+
+
+def test_many_small_images_train_at_twice_their_size_with_the_first_half_frozen(tmp_path: Path) -> None:
+    plan = plan_recipe(_samples(tmp_path, 64, FEW_IMAGES + 600), native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (128, FREEZE_HALF)
+
+
+def test_many_photos_train_at_native_size_with_the_first_half_frozen(tmp_path: Path) -> None:
+    plan = plan_recipe(_samples(tmp_path, 400, FEW_IMAGES + 600), native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (224, FREEZE_HALF)
+
+
+def test_few_small_images_train_at_native_size_with_nothing_frozen(tmp_path: Path) -> None:
+    plan = plan_recipe(_samples(tmp_path, 28, 80), native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (224, 0)
+    assert "80 training images" in plan.reason
+
+
+def test_explicit_size_and_frozen_groups_are_kept(tmp_path: Path) -> None:
+    samples = _samples(tmp_path, 28, 80)
+    assert plan_recipe(samples, 224, img_size=96, frozen_groups=3).image_size == 96
+    assert plan_recipe(samples, 224, img_size=96, frozen_groups=3).frozen_groups == 3
+    # an explicit size for few images still trains everything; for many, the first half stays frozen
+    assert plan_recipe(samples, 224, img_size=96).frozen_groups == 0
+    assert plan_recipe(_samples(tmp_path, 400, FEW_IMAGES + 1), 224, img_size=96).frozen_groups == FREEZE_HALF
