@@ -100,12 +100,7 @@ class Score:
 
 def validation_scores(config: dict[str, Any], report: dict[str, Any]) -> list[Score]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy and macro F1, where recorded."""
-    metrics = (config.get("studio") or {}).get("metrics") or {}
-    scores = []
-    if _is_number(metrics.get("val_top1")):
-        scores.append(Score("accuracy", "Top-1 accuracy", _fraction(metrics["val_top1"])))
-    if _is_number(metrics.get("val_top5")) and int(config.get("num_classes", 0)) > 5:
-        scores.append(Score("top_5_accuracy", "Top-5 accuracy", _fraction(metrics["val_top5"])))
+    scores = _accuracy_scores(config, "val")
     macro = report.get("macro avg")
     if isinstance(macro, dict) and _is_number(macro.get("f1")):
         scores.append(Score("f1", "Macro F1", float(macro["f1"]), metric_config="macro"))
@@ -114,14 +109,21 @@ def validation_scores(config: dict[str, Any], report: dict[str, Any]) -> list[Sc
 
 def test_scores(config: dict[str, Any]) -> list[Score]:
     """Scores on the dataset's test/ folder (never used for training or for choosing the weights), if any."""
+    scores = _accuracy_scores(config, "test")
     metrics = (config.get("studio") or {}).get("metrics") or {}
-    scores = []
-    if _is_number(metrics.get("test_top1")):
-        scores.append(Score("accuracy", "Top-1 accuracy", _fraction(metrics["test_top1"])))
-    if _is_number(metrics.get("test_top5")) and int(config.get("num_classes", 0)) > 5:
-        scores.append(Score("top_5_accuracy", "Top-5 accuracy", _fraction(metrics["test_top5"])))
     if _is_number(metrics.get("test_macro_f1")):
         scores.append(Score("f1", "Macro F1", float(metrics["test_macro_f1"]), metric_config="macro"))
+    return scores
+
+
+def _accuracy_scores(config: dict[str, Any], subset: str) -> list[Score]:
+    """Top-1, and top-5 when there are more than 5 classes, of `subset` ("val" or "test"), where recorded."""
+    metrics = (config.get("studio") or {}).get("metrics") or {}
+    scores = []
+    if _is_number(metrics.get(f"{subset}_top1")):
+        scores.append(Score("accuracy", "Top-1 accuracy", _fraction(metrics[f"{subset}_top1"])))
+    if _is_number(metrics.get(f"{subset}_top5")) and int(config.get("num_classes", 0)) > 5:
+        scores.append(Score("top_5_accuracy", "Top-5 accuracy", _fraction(metrics[f"{subset}_top5"])))
     return scores
 
 
