@@ -222,11 +222,16 @@ def stratified_split(
     return train, val
 
 
+SMALL_IMAGE_FLOOR = 64  # px: below this a stride-32 backbone ends in a single 1x1 cell
+
+
 def suggest_image_size(samples: Sequence[Sample], native_size: int, max_probe: int = 200) -> int:
     """A train resolution for the data: native for photos, about 2x the source for small images.
 
     Upscaling a 64 px digit to 224 px costs 3x the compute of 128 px for no extra information; we stop at
-    twice the typical short side (rounded to 32), between 96 px and the model's native size.
+    twice the typical short side (rounded to 32), between SMALL_IMAGE_FLOOR and the model's native size.
+    A 28 px product photo thus trains at 64 px, not 96: 2.25x fewer pixels a step, so a time budget buys
+    about twice the updates on a large dataset (issue 19), and the features still see 2x2 final cells.
     """
     step = max(1, len(samples) // max_probe)
     sides = []
@@ -240,7 +245,7 @@ def suggest_image_size(samples: Sequence[Sample], native_size: int, max_probe: i
     typical = statistics.median(sides)
     if typical >= native_size * 0.75:
         return native_size
-    return int(min(native_size, max(96, 32 * round(2 * typical / 32))))
+    return int(min(native_size, max(SMALL_IMAGE_FLOOR, 32 * round(2 * typical / 32))))
 
 
 def build_cache(

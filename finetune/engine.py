@@ -219,6 +219,7 @@ class Optimization:
     loss_fn: torch.nn.Module
     ema: Any = None
     grad_scaler: Any = None
+    max_updates: int = 0  # the run's last update (the time budget's plan); 0: no limit
 
 
 def train_one_epoch(
@@ -255,6 +256,8 @@ def train_one_epoch(
     started = time.perf_counter()
     stopped = False
     for step, index in enumerate(shard, start=1):
+        if opt.max_updates and num_updates >= opt.max_updates:
+            break  # the budget's last update: a partial epoch, not a stop request
         if should_stop is not None and dist.any_true(should_stop()):
             stopped = True
             break
@@ -286,7 +289,8 @@ def train_one_epoch(
         total_correct += (logits.argmax(dim=1) == targets).sum().item()
         total_seen += len(targets)
         if on_step is not None:
-            on_step(step, len(shard), {"loss": total_loss / total_seen, "acc": total_correct / total_seen})
+            steps = min(len(shard), step + opt.max_updates - num_updates) if opt.max_updates else len(shard)
+            on_step(step, steps, {"loss": total_loss / total_seen, "acc": total_correct / total_seen})
     loss_sum, correct, seen = dist.all_reduce_sum([total_loss, total_correct, total_seen])
     elapsed = time.perf_counter() - started
     metrics = {

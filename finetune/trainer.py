@@ -25,6 +25,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from finetune import checkpoint, reports
+from finetune.budget import MIN_FINETUNE_STEPS, StepCosts, affordable_steps, warmup_steps
 from finetune.config import TrainConfig
 from finetune.data import (
     CachedImages,
@@ -73,6 +74,8 @@ logger = logging.getLogger(__name__)
 BAD_FILES = "bad_files.txt"
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 180
 BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
+FP32_COST = 2.0  # the closing evaluation runs in fp32: about twice a bf16 forward on CPU
+CLOCK_SKIP, CLOCK_STEPS = 5, 20  # updates left untimed (allocator, caches), then timed, before re-planning
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
 EMA_WARMUP_POWER = 0.75
@@ -376,7 +379,11 @@ def _linear_probe(run: _Run) -> bool:
 
 
 def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
-    """Full fine-tuning with early stopping; returns True when stopped by a request."""
+    """Full fine-tuning with early stopping; returns True when stopped by a request.
+
+    Under `auto` the run makes the updates the time budget affords (finetune/budget.py), possibly ending
+    inside an epoch; the schedule decays over exactly those updates.
+    """
     config = run.config
     model = run.model
     _freeze_early_layers(model, run.plan.frozen_groups if run.plan else config.frozen_groups)
@@ -390,10 +397,15 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     steps_per_epoch = sum(
         1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
     )
-    epochs = state["epochs"] if state else _choose_epochs(run, steps_per_epoch)
-    if epochs <= 0:
+    wanted = _wanted_steps(config, steps_per_epoch)
+    if state:  # a state saved before step budgets counts whole epochs
+        total = state.get("max_updates") or state["epochs"] * steps_per_epoch
+    else:
+        total = _plan_steps(run, steps_per_epoch, wanted)
+    if total <= 0:
         return False
-    scheduler = _make_scheduler(optimizer, lr, epochs, steps_per_epoch, config.warmup_epochs)
+    schedule = _Schedule(optimizer, lr, steps_per_epoch, config.warmup_epochs)
+    scheduler = schedule.build(total)
     ddp_model = _wrap_distributed(model, run.dist)
     ema = (
         ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
@@ -405,7 +417,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         label_smoothing=config.label_smoothing,
     )
     scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
-    opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler)
+    opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
         precision=run.precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
         seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
@@ -418,10 +430,15 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         start_epoch, num_updates, stale = state["epoch"] + 1, state["num_updates"], state["stale"]
-    for epoch in range(start_epoch, epochs + 1):
+    clock = _StepClock(run, opt, schedule, wanted, num_updates) if _budgeted(config) else None
+    epoch = start_epoch
+    while num_updates < opt.max_updates:
         started = time.perf_counter()
 
         def on_step(step: int, steps: int, metrics: dict[str, float], epoch: int = epoch) -> None:
+            if clock is not None:
+                clock.tick()
+            epochs = -(-opt.max_updates // steps_per_epoch)
             run.emit(TrainEvent("step", "finetune", epoch, epochs, step, steps, metrics))
 
         train_metrics, num_updates, stopped = train_one_epoch(
@@ -429,6 +446,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         )
         if stopped:
             return True
+        epochs = -(-opt.max_updates // steps_per_epoch)
         eval_model = ema.module if ema is not None else model
         # With --train-bn each process updated its BatchNorm statistics on its own images: evaluate (and
         # keep) rank 0's, the ones it saves.
@@ -436,10 +454,15 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
         row = _history_row(run, "finetune", epoch, result, train_metrics)
         row["time_s"] = time.perf_counter() - started
+        row["updates"] = num_updates
         improved = _is_better(row, run.best)
         stale = 0 if improved else stale + 1
         _record(run, row, improved, epochs, eval_model)
-        state_extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state_extra = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "max_updates": opt.max_updates,
+        }
         if ema is not None:
             state_extra["ema"] = ema.module.state_dict()
         _save_state(run, "finetune", epoch, epochs, num_updates=num_updates, stale=stale, **state_extra)
@@ -448,45 +471,114 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
                 TrainEvent("status", message=f"Early stopping: no better validation score for {stale} epochs")
             )
             break
+        epoch += 1
     return False
 
 
-def _choose_epochs(run: _Run, steps_per_epoch: int) -> int:
-    """Epochs from the dataset size (about TARGET_STEPS updates), capped by the time budget under `auto`.
+def _budgeted(config: TrainConfig) -> bool:
+    """Only `auto` without an explicit --epochs fits its fine-tuning into --time-budget-s."""
+    return config.strategy == "auto" and not config.epochs
+
+
+def _wanted_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Updates the run would make without a budget: --epochs, or about TARGET_STEPS in whole epochs."""
+    if config.epochs:
+        return config.epochs * steps_per_epoch
+    epochs = int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
+    return epochs * steps_per_epoch
+
+
+def _step_costs(run: _Run, step_s: float) -> StepCosts:
+    """Validation after each epoch and the closing fp32 evaluation of validation and test/, priced with
+    the probe's measured forward time per image."""
+    per_image = run.studio.get("forward_s_per_image") or 0.0
+    num_test = len(run.test) if run.test is not None else 0
+    return StepCosts(
+        step_s=step_s,
+        eval_s=per_image * len(run.val) / run.dist.world_size,
+        final_s=per_image * FP32_COST * (len(run.val) + num_test),
+    )
+
+
+def _remaining_s(run: _Run) -> float:
+    return run.config.time_budget_s - (time.perf_counter() - run.started)
+
+
+def _plan_steps(run: _Run, steps_per_epoch: int, wanted: int) -> int:
+    """The updates to plan for before any is timed: the probe's forward time x BACKWARD_COST a step.
 
     Timings differ between processes, so rank 0 decides for all of them.
     """
-    config = run.config
-    if config.epochs:
-        return config.epochs
-    epochs = int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
     per_image = run.studio.get("forward_s_per_image")
-    epoch_s = 0.0
-    if config.strategy == "auto" and per_image:
-        epoch_s = per_image * BACKWARD_COST * len(run.train) / run.dist.world_size
-        remaining = config.time_budget_s - (time.perf_counter() - run.started)
-        affordable = int(remaining // max(epoch_s, 1e-6))
-        epochs = min(epochs, affordable) if affordable >= 2 else 0
-    epochs = run.dist.broadcast_int(epochs)
-    if epochs == 0:
-        logger.info(
-            "Fine-tuning would not fit the time budget (about %.0f s an epoch): keeping the probe.", epoch_s
-        )
+    total = wanted
+    if _budgeted(run.config) and per_image:
+        step_s = per_image * BACKWARD_COST * run.config.batch_size / run.dist.world_size
+        total = affordable_steps(_remaining_s(run), _step_costs(run, step_s), steps_per_epoch, wanted)
+        if total < MIN_FINETUNE_STEPS:
+            total = 0
+        elif total < wanted:
+            logger.info(
+                "The time budget affords ~%d of %d updates (%.2f s each); the schedule decays over them.",
+                total, wanted, step_s,
+            )  # fmt: skip
+    total = run.dist.broadcast_int(total)
+    if total == 0:
+        logger.info("Fine-tuning would not fit the time budget: keeping the probe.")
         run.emit(
             TrainEvent("status", message="Time budget too small for fine-tuning; keeping the linear probe")
         )
-    return epochs
+    return total
 
 
-def _make_scheduler(
-    optimizer: Any, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float
-) -> Any:
-    total = epochs * steps_per_epoch
-    warmup = min(int(warmup_epochs * steps_per_epoch), total // 2)
-    return CosineLRScheduler(
-        optimizer, t_initial=total, lr_min=lr * 0.01, warmup_t=warmup, warmup_lr_init=lr * 0.01,
-        t_in_epochs=False,
-    )  # fmt: skip
+class _Schedule:
+    """Warmup + cosine over a run's updates; rebuilt when the budget's plan changes their count."""
+
+    def __init__(self, optimizer: Any, lr: float, steps_per_epoch: int, warmup_epochs: float) -> None:
+        self.optimizer, self.lr = optimizer, lr
+        self.steps_per_epoch, self.warmup_epochs = steps_per_epoch, warmup_epochs
+
+    def build(self, total: int) -> CosineLRScheduler:
+        warmup = warmup_steps(total, self.steps_per_epoch, self.warmup_epochs)
+        return CosineLRScheduler(
+            self.optimizer, t_initial=max(1, total), lr_min=self.lr * 0.01, warmup_t=warmup,
+            warmup_lr_init=self.lr * 0.01, t_in_epochs=False,
+        )  # fmt: skip
+
+
+class _StepClock:
+    """Times real updates once (after a few to warm up), then fits the plan to the budget left.
+
+    The first plan guessed the update time from the probe's forward passes; a backward pass through a half
+    frozen or a small-image network costs more or less than BACKWARD_COST forwards, so the count is corrected
+    early, while the run is still warming up, and the cosine decay is rebuilt over the new count.
+    """
+
+    def __init__(self, run: _Run, opt: Optimization, schedule: _Schedule, wanted: int, done: int) -> None:
+        self.run, self.opt, self.schedule, self.wanted = run, opt, schedule, wanted
+        self.ticks, self.done_at_start = 0, done
+        self.started_at = 0.0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == CLOCK_SKIP:
+            self.started_at = time.perf_counter()
+        if self.ticks != CLOCK_SKIP + CLOCK_STEPS:
+            return
+        step_s = (time.perf_counter() - self.started_at) / CLOCK_STEPS
+        done = self.done_at_start + self.ticks
+        fits = affordable_steps(
+            _remaining_s(self.run), _step_costs(self.run, step_s), self.schedule.steps_per_epoch,
+            self.wanted, done_steps=done,
+        )  # fmt: skip
+        total = self.run.dist.broadcast_int(max(done, fits))
+        if total != self.opt.max_updates:
+            logger.info(
+                "Measured %.3f s an update: planning %d updates instead of %d.",
+                step_s, total, self.opt.max_updates,
+            )  # fmt: skip
+            self.opt.max_updates = total
+            self.opt.scheduler = self.schedule.build(total)
+            self.opt.scheduler.step_update(num_updates=done)
 
 
 def _freeze_early_layers(model: torch.nn.Module, count: int) -> None:

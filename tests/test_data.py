@@ -117,7 +117,7 @@ def test_suggested_size_doubles_small_images_and_keeps_native_for_photos(
     for name in ("a", "b"):
         (tiny / name).mkdir(parents=True)
         Image.new("RGB", (20, 20)).save(tiny / name / "x.png")
-    assert suggest_image_size(stratified_split(scan_dataset(tiny).train, 0.2, 0)[0], native_size=224) == 96
+    assert suggest_image_size(stratified_split(scan_dataset(tiny).train, 0.2, 0)[0], native_size=224) == 64
 
 
 def test_train_and_test_folders_split_validation_out_of_train(tmp_path: Path) -> None:

@@ -25,6 +25,12 @@ def test_many_small_images_train_at_twice_their_size_with_the_first_half_frozen(
     assert (plan.image_size, plan.frozen_groups) == (128, FREEZE_HALF)
 
 
+def test_many_tiny_images_train_at_64_px_not_96(tmp_path: Path) -> None:
+    """28 px images (Fashion-MNIST) at twice their size: 64 px (2.25x the updates of 96 px)."""
+    plan = plan_recipe(_samples(tmp_path, 28, FEW_IMAGES + 600), native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (64, FREEZE_HALF)
+
+
 def test_many_photos_train_at_native_size_with_the_first_half_frozen(tmp_path: Path) -> None:
     plan = plan_recipe(_samples(tmp_path, 400, FEW_IMAGES + 600), native_size=224)
     assert (plan.image_size, plan.frozen_groups) == (224, FREEZE_HALF)
