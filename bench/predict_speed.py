@@ -16,42 +16,28 @@ as PNGs in class folders once, then on the first `--limit` of them (all by defau
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import fashion_data  # noqa: E402
 
 from finetune.errors import ImageError  # noqa: E402
 
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 TARGET_SPEEDUP = 1.6
 
 
 def write_test_folder(work: Path) -> list[Path]:
     """The 10,000 official test images as `work/<class>/<index>.png`, written once; sorted paths."""
-    images_gz, labels_gz = SOURCE / "t10k-images-idx3-ubyte.gz", SOURCE / "t10k-labels-idx1-ubyte.gz"
-    if not images_gz.is_file() or not labels_gz.is_file():
-        raise SystemExit(f"Fashion-MNIST is not in {SOURCE}; run `apt-get install -y dataset-fashion-mnist`.")
-    done = work / ".complete"
-    if not done.exists():
-        with gzip.open(images_gz) as images, gzip.open(labels_gz) as targets:
-            pixels = np.frombuffer(images.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-            labels = np.frombuffer(targets.read(), np.uint8, offset=8)
-        for index, (image, label) in enumerate(zip(pixels, labels, strict=True)):
-            folder = work / CLASSES[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{index:05d}.png")
-        done.touch()
-    return sorted(work.rglob("*.png"))
+    return fashion_data.write_class_folders(work, "test")
 
 
 def write_large_pngs(work: Path, count: int) -> list[Path]:

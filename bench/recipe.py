@@ -20,7 +20,6 @@ Each method runs in a child process; top-1 on test/, wall time and the child's p
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import statistics
@@ -37,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import fashion_data  # noqa: E402
 from finetune_digits import build_digits, linear_probe_baseline, timed_command  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 TEXTURES = ("brick", "grass", "gravel", "moon", "coins", "cell")
 METHODS = ("default", "probe", "plain")
 
@@ -83,27 +82,11 @@ def build_faces(work: Path, seed: int) -> None:
             _save(pixels, work / split / labels[index], f"{index:03d}")
 
 
-def _idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def build_fewshot(work: Path, seed: int, shots: int = 10, test_per_class: int = 50) -> str:
     """`shots` training images per class (Fashion-MNIST when installed, else digits), a fixed test sample."""
     rng = np.random.default_rng(seed)
-    if (FASHION / "train-images-idx3-ubyte.gz").exists():
-        sources = {
-            "train": (
-                _idx(FASHION / "train-images-idx3-ubyte.gz"),
-                _idx(FASHION / "train-labels-idx1-ubyte.gz"),
-            ),
-            "test": (
-                _idx(FASHION / "t10k-images-idx3-ubyte.gz"),
-                _idx(FASHION / "t10k-labels-idx1-ubyte.gz"),
-            ),
-        }
+    if fashion_data.installed():
+        sources = {"train": fashion_data.load("train"), "test": fashion_data.load("test")}
         kind = f"fashion-mnist {shots}/class"
     else:
         from sklearn.datasets import load_digits

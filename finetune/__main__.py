@@ -116,6 +116,11 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     data.add_argument("--workers", type=int, default=d["workers"], help="decoding threads; 0 = all cores")
     data.add_argument("--cache-dir", type=Path, help="decoded-image cache folder (default RUN_DIR/.cache)")
+    data.add_argument(
+        "--cache-max-gb", type=float, default=d["cache_max_gb"],
+        help="largest decoded-image cache; a larger dataset is decoded batch by batch from its files "
+        "by worker processes (0 = 90%% of the free disk)",
+    )  # fmt: skip
 
     system = parser.add_argument_group("system")
     system.add_argument("--device", choices=DEVICES, default=d["device"], help="auto picks CUDA when present")

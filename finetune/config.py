@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CPUs that support it, fp16/bf16 on CUDA) | bf16 | fp16 | fp32
     workers: int = 0  # decoding threads; 0 uses every core
     cache_dir: Path | None = None  # where decoded images are cached; default RUN_DIR/.cache
+    cache_max_gb: float = 0.0  # larger decoded sets stream from the files instead; 0 = the free disk
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
@@ -72,6 +73,7 @@ class TrainConfig:
         _at_least("warmup_epochs", self.warmup_epochs, 0)
         _at_least("weight_decay", self.weight_decay, 0)
         _at_least("clip_grad", self.clip_grad, 0)
+        _at_least("cache_max_gb", self.cache_max_gb, 0)
         _at_least("time_budget_s", self.time_budget_s, 1)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"invalid lr {self.lr}; use a positive number such as 1e-3.")

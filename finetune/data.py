@@ -32,6 +32,7 @@ from PIL import Image
 from finetune.class_names import check_class_names
 from finetune.errors import DatasetError, ImageError, StoppedError
 from finetune.images import image_size, is_image_file, open_image
+from finetune.streamed import DecodePool, StreamedPixels, cache_fits, check_files, decode_pool
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +127,27 @@ class CachedPixels:
             return torch.from_numpy(np.array(self._array[int(rows)]))
         return torch.from_numpy(self._array[np.asarray(rows, dtype=np.int64)])  # fancy indexing copies
 
+    def subset(self, indices: np.ndarray) -> CachedPixels:
+        """A view of some of the rows (no pixel is copied)."""
+        return CachedPixels(self._array, self._keep[indices])
+
 
 @dataclass
 class CachedImages:
     """Decoded images (uint8 rows gathered on demand) plus their targets; files that failed are listed."""
 
-    pixels: CachedPixels
+    pixels: CachedPixels | StreamedPixels
     targets: torch.Tensor
     paths: list[Path]
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, indices: torch.Tensor) -> CachedImages:
+        """The images at `indices`, sharing this cache's pixels (bad files stay with the whole set)."""
+        rows = indices.numpy()
+        return CachedImages(self.pixels.subset(rows), self.targets[indices], [self.paths[i] for i in rows])
 
 
 def find_layout(data_dir: Path, source: str | None = None) -> Layout:
@@ -257,6 +267,7 @@ def build_cache(
     on_progress: Callable[[int, int], None] | None = None,
     draft_size: tuple[int, int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_gb: float = 0.0,
 ) -> CachedImages:
     """Decode, resize and crop every image once; return uint8 pixels of the good ones.
 
@@ -265,14 +276,20 @@ def build_cache(
     failed. Progress is saved every `PROGRESS_EVERY` images, so an interrupted build continues where it
     stopped. `should_stop` is asked before each image; once it says yes, what was decoded is saved and
     `StoppedError` is raised. Without `cache_path` (tests, small sets) the pixels stay in RAM.
+
+    When the cache would not fit on the disk (or exceed `max_gb`), nothing is cached: every file is checked
+    once, and batches are decoded from the files by worker processes (`finetune.streamed`).
     """
     key = _cache_key(samples, image_size)
-    if cache_path is not None:
-        cached = _read_cache(cache_path, key, samples)
-        if cached is not None:
-            return cached
     count = len(samples)
     shape = (count, 3, image_size, image_size)
+    pool = decode_pool(geometric_transform, image_size, draft_size, workers)
+    if cache_path is not None:
+        cached = _read_cache(cache_path, key, samples, pool)
+        if cached is not None:
+            return cached
+        if not cache_fits(cache_path.parent, int(np.prod(shape)), max_gb):
+            return _stream(samples, pool, cache_path, key, on_progress, should_stop, max_gb)
     if cache_path is None:
         pixels: np.ndarray = np.zeros(shape, dtype=np.uint8)
         state, errors = bytearray(PENDING * count), {}
@@ -411,21 +428,65 @@ def _cache_key(samples: Sequence[Sample], image_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_cache(cache_path: Path, key: str, samples: Sequence[Sample]) -> CachedImages | None:
+def _read_cache(
+    cache_path: Path, key: str, samples: Sequence[Sample], pool: DecodePool
+) -> CachedImages | None:
+    """A finished cache of the same files, or the recorded verdicts of a streamed set."""
     meta_path = cache_path.with_suffix(".json")
-    if not cache_path.is_file() or not meta_path.is_file():
+    if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
             return None
+        ok = np.array(meta["ok"], dtype=bool)
+        errors = {int(k): v for k, v in meta["errors"].items()}
+        if meta.get("streamed"):
+            logger.info("Streaming the images checked before (%s)", meta_path)
+            return _as_streamed(samples, pool, ok, errors)
         pixels = np.load(cache_path, mmap_mode="r")
-    except (ValueError, OSError, json.JSONDecodeError):
+    except (ValueError, OSError, json.JSONDecodeError, KeyError):
         return None
-    ok = np.array(meta["ok"], dtype=bool)
-    errors = {int(k): v for k, v in meta["errors"].items()}
     logger.info("Reusing decoded image cache %s", cache_path)
     return _as_cached(samples, pixels, ok, errors)
+
+
+def _stream(
+    samples: Sequence[Sample],
+    pool: DecodePool,
+    cache_path: Path,
+    key: str,
+    on_progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    max_gb: float,
+) -> CachedImages:
+    """Check every file once and record the verdicts beside where the cache would be; pixels stream."""
+    from finetune.checkpoint import write_json
+
+    need_gb = len(samples) * 3 * pool.image_size**2 / 2**30
+    where = f"--cache-max-gb {max_gb:g}" if max_gb > 0 else f"the free disk at {cache_path.parent}"
+    logger.warning(
+        "A decoded cache of %d images would take %.1f GB, more than %s allows: decoding each batch from "
+        "the files instead (slower epochs, same memory).", len(samples), need_gb, where,
+    )  # fmt: skip
+    errors = check_files([sample.path for sample in samples], pool, on_progress, should_stop)
+    ok = np.array([index not in errors for index in range(len(samples))], dtype=bool)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cache_path.with_suffix(".json"), {"key": key, "ok": ok.tolist(), "errors": errors,
+                                                 "streamed": True})  # fmt: skip
+    return _as_streamed(samples, pool, ok, errors)
+
+
+def _as_streamed(
+    samples: Sequence[Sample], pool: DecodePool, ok: np.ndarray, errors: dict[int, str]
+) -> CachedImages:
+    keep = np.flatnonzero(ok)
+    return CachedImages(
+        pixels=StreamedPixels([samples[i].path for i in keep], pool, pool.image_size),
+        targets=torch.tensor([samples[i].target for i in keep], dtype=torch.long),
+        paths=[samples[i].path for i in keep],
+        bad_files=[(samples[i].path, errors.get(i, "unreadable")) for i in np.flatnonzero(~ok)],
+    )
 
 
 def _partial_paths(cache_path: Path) -> tuple[Path, Path]:

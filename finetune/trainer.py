@@ -75,6 +75,8 @@ BAD_FILES = "bad_files.txt"
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 4, 20, 180
 BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
 FP32_COST = 2.0  # the closing evaluation runs in fp32: about twice a bf16 forward on CPU
+PROBE_SHARE = 0.25  # of the budget left after decoding, at most, for the probe's features (train + val)
+PROBE_CALIBRATION_IMAGES, MIN_PROBE_IMAGES = 64, 2000  # timed first batch; the smallest sample worth a probe
 CLOCK_SKIP, CLOCK_STEPS = 5, 20  # updates left untimed (allocator, caches), then timed, before re-planning
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
@@ -200,12 +202,14 @@ def _prepare(
             caches[name] = build_cache(
                 samples, geometric, image_size, path, config.workers or None, progress, draft,
                 stop if dist.world_size == 1 else None,  # one process: no rank left waiting at the barrier
+                config.cache_max_gb,
             )  # fmt: skip
         dist.barrier()
         if not dist.is_local_main:
             caches[name] = build_cache(
-                samples, geometric, image_size, path, config.workers or None, None, draft
-            )
+                samples, geometric, image_size, path, config.workers or None, None, draft,
+                max_gb=config.cache_max_gb,
+            )  # fmt: skip
     bad = [file for cache in caches.values() for file in cache.bad_files]
     _check_usable(split.classes, caches["train"], bad, config.data_dir)
     warnings = warn_about_classes(
@@ -347,19 +351,25 @@ def _linear_probe(run: _Run) -> bool:
         run.emit(TrainEvent("step", phase="probe", step=step, steps=steps))
         check_stop()
 
+    chosen = _probe_training_images(run)
+    train = run.train if chosen is None else run.train.subset(chosen)
+    extracting = time.perf_counter()
     train_features = extract_features(
-        run.model, run.train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist
+        run.model, train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist
     )
-    share = -(-len(run.train) // run.dist.world_size)  # images each process extracted
-    forward_s_per_image = (time.perf_counter() - started) / max(share, 1)
+    share = -(-len(train) // run.dist.world_size)  # images each process extracted
+    forward_s_per_image = (time.perf_counter() - extracting) / max(share, 1)
     val_features = extract_features(
         run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist
     )
     if run.dist.any_true(run.should_stop()):
         return True
+    sample_weights = run.sample_weights
+    if sample_weights is not None and chosen is not None:
+        sample_weights = sample_weights[chosen]
     head = fit_linear_probe(
-        train_features, run.train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
-        run.config.seed, label_smoothing=run.config.label_smoothing, sample_weights=run.sample_weights,
+        train_features, train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
+        run.config.seed, label_smoothing=run.config.label_smoothing, sample_weights=sample_weights,
     )  # fmt: skip
     # Same features and seed give the same head everywhere; rank 0's copy makes it exact across machines.
     run.dist.broadcast_([head.weight, head.bias])
@@ -368,7 +378,7 @@ def _linear_probe(run: _Run) -> bool:
         classifier.weight.copy_(head.weight)
         classifier.bias.copy_(head.bias)
     result = probe_metrics(head, val_features, run.val.targets)
-    train_result = probe_metrics(head, train_features, run.train.targets)
+    train_result = probe_metrics(head, train_features, train.targets)
     row = _history_row(
         run, "probe", 0, result, {"train_loss": train_result.loss, "train_acc": train_result.top1}
     )
@@ -376,6 +386,34 @@ def _linear_probe(run: _Run) -> bool:
     run.studio["forward_s_per_image"] = forward_s_per_image
     _record(run, row, improved=True, epochs=0)
     return False
+
+
+def _probe_training_images(run: _Run) -> torch.Tensor | None:
+    """None (all training images), or a random sample whose features fit PROBE_SHARE of the budget left.
+
+    At 224 px on 60,000 images extracting every feature alone takes longer than a 5-minute budget; a probe
+    on a few thousand random images is nearly as good, and leaves the rest of the budget to fine-tuning.
+    The forward time is measured on a first batch of the sample (its features are thrown away).
+    """
+    count = len(run.train)
+    if not _budgeted(run.config) or count <= PROBE_CALIBRATION_IMAGES:
+        return None
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(run.config.seed))
+    probe_batch = run.train.subset(order[:PROBE_CALIBRATION_IMAGES].sort().values)
+    started = time.perf_counter()
+    extract_features(run.model, probe_batch, run.mean, run.std, run.precision)
+    per_image = (time.perf_counter() - started) / PROBE_CALIBRATION_IMAGES / run.dist.world_size
+    seconds = PROBE_SHARE * _remaining_s(run) - per_image * len(run.val)
+    fits = max(MIN_PROBE_IMAGES, int(seconds / per_image))
+    fits = run.dist.broadcast_int(fits)
+    if fits >= count:
+        return None
+    logger.info(
+        "The time budget affords features of %d of %d training images: the probe fits a random sample.",
+        fits, count,
+    )  # fmt: skip
+    run.studio["probe_images"] = fits
+    return order[:fits].sort().values
 
 
 def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
@@ -398,8 +436,10 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
     )
     wanted = _wanted_steps(config, steps_per_epoch)
-    if state:  # a state saved before step budgets counts whole epochs
+    if state and _budgeted(config):  # the budget's plan (a state saved before budgets counts epochs)
         total = state.get("max_updates") or state["epochs"] * steps_per_epoch
+    elif state:  # --epochs: whole epochs of this world size (a resume may run on fewer processes)
+        total = wanted
     else:
         total = _plan_steps(run, steps_per_epoch, wanted)
     if total <= 0:

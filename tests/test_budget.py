@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import numpy as np
+import pytest
 import timm
 import torch
+from conftest import TINY_MODEL, write_digits_folder
 
+from finetune import trainer
 from finetune.budget import MIN_FINETUNE_STEPS, StepCosts, affordable_steps, warmup_steps
+from finetune.config import TrainConfig
 from finetune.data import CachedImages, CachedPixels
 from finetune.distributed import DistContext
 from finetune.engine import EpochSettings, Optimization, Precision, train_one_epoch
+from finetune.trainer import CLOCK_SKIP, CLOCK_STEPS, fine_tune
 
 
 def test_whole_epochs_fit_when_the_budget_allows() -> None:
@@ -67,3 +76,73 @@ def test_train_one_epoch_stops_at_the_planned_last_update() -> None:
     _, updates, stopped = train_one_epoch(model, data, settings, opt, epoch=1)
     assert (updates, stopped, steps_done) == (3, False, [1, 2, 3])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _tiny_run(data: Path, out: Path, budget_s: float, **overrides: object) -> TrainConfig:
+    values = dict(
+        data_dir=data, out=out, model=TINY_MODEL, weights="none", img_size=48, batch_size=8, quiet=True,
+        probe_epochs=5, patience=20, time_budget_s=budget_s,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_a_budget_shorter_than_the_planned_epochs_ends_inside_an_epoch(tmp_path: Path) -> None:
+    """Slow updates (0.25 s, slept in the progress callback): the measured step time shrinks the plan
+    to the updates that fit, ending inside an epoch, instead of running all 9 planned epochs or none."""
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=100)
+
+    def slow_updates(event) -> None:  # noqa: ANN001
+        if event.kind == "step" and event.phase == "finetune":
+            time.sleep(0.25)
+
+    started = time.perf_counter()
+    result = fine_tune(_tiny_run(data, tmp_path / "run", budget_s=20), on_event=slow_updates)
+    total = time.perf_counter() - started
+    finetune_rows = [row for row in result.history if row["phase"] == "finetune"]
+    steps_per_epoch = 160 // 8
+    wanted = 9 * steps_per_epoch  # about TARGET_STEPS updates in whole epochs
+    updates = finetune_rows[-1]["updates"]
+    assert CLOCK_SKIP + CLOCK_STEPS <= updates < wanted
+    assert len(finetune_rows) == -(-updates // steps_per_epoch)  # every started epoch was validated
+    assert total < 20 + 15  # the budget, plus one update and the closing evaluation
+
+
+def test_the_probe_samples_training_images_when_their_features_do_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode that eats the budget (3 s of 4): the probe fits on a random sample of MIN_PROBE_IMAGES."""
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=60)
+    monkeypatch.setattr(trainer, "MIN_PROBE_IMAGES", 12)  # the floor, scaled to a 96-image training set
+    slept: list[bool] = []
+
+    def slow_decoding(event) -> None:  # noqa: ANN001
+        if event.kind == "cache" and not slept:
+            time.sleep(3.0)
+            slept.append(True)
+
+    result = fine_tune(_tiny_run(data, tmp_path / "run", budget_s=4), on_event=slow_decoding)
+    studio = json.loads((tmp_path / "run" / "config.json").read_text())["studio"]
+    assert studio["probe_images"] == 12 and studio["dataset"]["num_train"] == 96
+    assert result.strategy_used == "linear"
+
+
+def test_a_set_whose_cache_does_not_fit_streams_from_the_files_and_trains_the_same(tmp_path: Path) -> None:
+    """--cache-max-gb below the decoded size: no .npy is written, batches are decoded by worker processes,
+    a bad file is still listed, and the run matches a cached one step for step (same pixels, same seed)."""
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=12)
+    (data / "digit_0" / "broken.png").write_bytes(b"not a png")
+    cached = fine_tune(_tiny_run(data, tmp_path / "cached", 900, epochs=2, strategy="lp-ft"))
+    streamed = fine_tune(
+        _tiny_run(data, tmp_path / "streamed", 900, epochs=2, strategy="lp-ft", cache_max_gb=1e-6)
+    )
+    assert not list((tmp_path / "streamed" / ".cache").glob("*.npy"))
+    assert list((tmp_path / "cached" / ".cache").glob("*.npy"))
+    verdicts = json.loads((tmp_path / "streamed" / ".cache" / "train_48.json").read_text())
+    assert verdicts["streamed"] is True
+    assert [path.name for path, _ in streamed.bad_files] == ["broken.png"]
+    assert [row["val_loss"] for row in streamed.history] == pytest.approx(
+        [row["val_loss"] for row in cached.history], abs=1e-5
+    )
+    assert [row["train_loss"] for row in streamed.history] == pytest.approx(
+        [row["train_loss"] for row in cached.history], abs=1e-5
+    )
