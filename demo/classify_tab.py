@@ -47,17 +47,24 @@ class Verdict(dict):
         return {"unknown": self.unknown, "ood_score": self.ood_score, "message": self.message}
 
 
-class VerdictLabel(gr.Label):
-    """A `gr.Label` whose value also has `unknown`, `ood_score` and `message`: API clients get the flag,
-    clients that read only `label` and `confidences` see no change, and the page draws a plain Label."""
+def verdict_label(**options: Any) -> gr.Label:
+    """A `gr.Label` whose value also has `unknown`, `ood_score` and `message` when given a `Verdict`: API
+    clients get the flag, clients that read only `label` and `confidences` see no change.
 
-    is_template = True  # rendered by the frontend's Label component
+    Its instance's `postprocess` is wrapped rather than subclassed: Gradio writes a `.pyi` stub beside the
+    module of every Component subclass when it is imported, which a server must not do to its own source.
+    """
+    label = gr.Label(**options)
+    plain = label.postprocess
 
-    def postprocess(self, value: Any) -> Any:
-        data = super().postprocess(dict(value) if isinstance(value, Verdict) else value)
+    def postprocess(value: Any) -> Any:
+        data = plain(dict(value) if isinstance(value, Verdict) else value)
         if isinstance(value, Verdict):
             data = {**(data.model_dump() if hasattr(data, "model_dump") else dict(data)), **value.extra()}
         return data
+
+    label.postprocess = postprocess  # type: ignore[method-assign]
+    return label
 
 
 def unknown_message(prediction: Prediction, num_classes: int) -> str:
@@ -113,7 +120,7 @@ def model_card(info: ModelInfo) -> str:
         f"**Weights:** {markdown_code(info.weights_source)}",
         f"**Loaded from:** {_source_name(info.source)}",
     ]
-    lines.extend(escape_markdown(line) for line in describe_trust(info.trust))
+    lines.extend(describe_trust(info.trust))  # our numbers and a method name from finetune.ood.METHODS only
     metrics = _scalar_metrics(info.metrics)
     if metrics:
         shown_metrics = (f"{escape_markdown(key)} {escape_markdown(value)}" for key, value in metrics.items())
@@ -147,7 +154,7 @@ def build(service: InferenceService, model: gr.State | None = None) -> list[Mode
             )
             button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         with gr.Column():
-            label = VerdictLabel(label="Top classes", elem_id="classify-label")
+            label = verdict_label(label="Top classes", elem_id="classify-label")
             latency = gr.Markdown(elem_id="classify-latency")
             with gr.Accordion("About the model", open=True):
                 card = gr.Markdown(model_card(service.info()), elem_id="classify-model-card")

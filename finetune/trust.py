@@ -139,3 +139,27 @@ def describe_trust(summary: dict[str, Any]) -> list[str]:
             f"{-summary['ood_threshold']:.0%} top-1 probability (not fitted to this model)."
         )
     return lines
+
+
+def card_section(config: dict[str, Any], has_reliability_png: bool = False) -> str:
+    """The model card's "Confidence and unknown images" section: figures and how to apply T outside us."""
+    trust = read_trust(config, "model card")
+    if not trust.is_calibrated and trust.rejector is None:
+        return ""
+    lines = ["## Confidence and unknown images", ""]
+    lines += [f"- {line}" for line in describe_trust(trust_summary(config, trust, reject=True))]
+    lines.append(
+        f"\nThe probabilities this run reports are `softmax(logits / {trust.temperature:.4f})`, the "
+        "temperature stored in `config.json` under `studio.calibration.temperature`. Loaded with timm alone "
+        '(`timm.create_model("local-dir:...")` or `hf-hub:`), the model returns raw logits: divide them by '
+        "that temperature before the softmax to get the calibrated confidence."
+    )
+    if trust.rejector is not None:
+        lines.append(
+            "\nAn image whose out-of-distribution score (`ood_score`, higher = further from the training "
+            "classes) is above the threshold is reported as *none of these* (`unknown`), with its closest "
+            "classes still listed; `python -m finetune.predict --no-reject` turns the flag off."
+        )
+    if has_reliability_png:
+        lines.append("\n![Reliability diagram](reliability.png)")
+    return "\n".join(lines)

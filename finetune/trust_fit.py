@@ -10,6 +10,7 @@ features, so the threshold is measured on images the means never saw.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from finetune import ood
 from finetune.augment import normalize
-from finetune.calibration import calibration_figures, fit_temperature
+from finetune.calibration import calibration_figures, fit_temperature, plot_reliability, softmax_t
 from finetune.data import CachedImages
 from finetune.trust import LogitsAndFeatures
 
@@ -80,8 +81,10 @@ def trust_sections(
     device: torch.device,
     num_classes: int,
     accept_rate: float = ood.DEFAULT_ACCEPT_RATE,
+    reliability_png: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Fit calibration and the OOD rule for the kept `model` from the run's train and validation caches."""
+    """Fit calibration and the OOD rule for the kept `model` from the run's train and validation caches;
+    draw the validation reliability diagram into `reliability_png` when given."""
     targets = train.targets.numpy()
     generator = np.random.default_rng(0)
     chosen = np.concatenate(
@@ -103,6 +106,10 @@ def trust_sections(
         accept_rate,
     )
     calibration, rule = sections["calibration"], sections["ood"]
+    if reliability_png is not None:
+        raw, scaled = softmax_t(val_logits), softmax_t(val_logits, calibration["temperature"])
+        curves = [("raw softmax", raw), (f"T = {calibration['temperature']:.2f}", scaled)]
+        plot_reliability(curves, val.targets.numpy(), reliability_png)
     logger.info(
         "Calibrated: temperature %.3f, validation ECE %.2f%% -> %.2f%%; 'none of these' above %s %.4f "
         "(accepts %.0f%% of validation images).",

@@ -154,3 +154,33 @@ def test_a_run_folder_without_calibration_still_loads_as_before(
     assert scores.ood_scores is None and scores.unknown is None
     prediction = classifier.predict(images, k=2)[0]
     assert prediction.unknown is None and prediction.ood_score is None
+
+
+@pytest.mark.app
+def test_a_rejected_image_carries_the_flag_through_gradio_client(trained_run: Path, tmp_path: Path) -> None:
+    from app_server import serve
+    from gradio_client import Client, handle_file
+
+    from demo.classify_tab import model_card
+    from demo.service import InferenceService
+
+    cat = tmp_path / "cat.jpg"
+    photo("chelsea").save(cat)
+    digit = next((trained_run.parent / "data" / "digit_1").glob("*.png"))
+    service = InferenceService.from_checkpoint(trained_run, runtime="torch")
+    try:
+        card = model_card(service.info())  # the model panel shows the calibration and rejection figures
+        assert "Confidence: calibrated on the validation split" in card and "None of these: on" in card
+        with serve(service) as url:
+            client = Client(url, verbose=False)
+            rejected = client.predict(handle_file(cat), 3, api_name="/classify")
+            accepted = client.predict(handle_file(digit), 3, api_name="/classify")
+            table, _ = client.predict([handle_file(cat), handle_file(digit)], api_name="/batch")
+    finally:
+        service.close()
+    assert rejected["unknown"] is True and rejected["ood_score"] > accepted["ood_score"]
+    assert rejected["message"].startswith("Not one of the 3 classes this model knows; closest: digit_")
+    assert rejected["label"].startswith("digit_") and len(rejected["confidences"]) == 3  # top-k still shown
+    assert accepted["unknown"] is False and accepted["message"] == ""
+    unknown = table["headers"].index("unknown")
+    assert [row[unknown] for row in table["data"]] == [True, False]
