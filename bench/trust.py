@@ -112,6 +112,16 @@ def main() -> int:
     train_targets = np.array([s.target for s in train])
 
     stored = classifier.trust
+    if not stored.is_calibrated:  # a run trained before calibration: fit exactly as training now does
+        from finetune.trust import read_trust
+        from finetune.trust_fit import fit_trust
+
+        val_targets = np.array([s.target for s in val])
+        sections = fit_trust(
+            val_logits, val_targets, val_features, train_features, train_targets, len(run.labels)
+        )
+        stored = read_trust({"studio": sections})
+        print("the run stores no calibration: fitted on its validation split as training does")
     temperature = stored.temperature
     figures = calibration_figures(test_logits, test_targets, temperature)
     top1 = float((test_logits.argmax(1) == test_targets).mean())

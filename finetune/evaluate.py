@@ -125,7 +125,7 @@ def evaluate_folder(
     held_out = held_out_files(run, data_dir)
     files, subset = held_out if held_out is not None else (labelled_files(data_dir, run.labels), "folder")
     scales = parse_tta(tta)
-    probs_parts, logits_parts, targets, bad = [], [], [], []
+    probs_parts, logits_parts, unknown, targets, bad = [], [], [], [], []
     for outcomes in classify_files(
         classifier, files, lambda item: classifier.open(item[0]), chunk_size=batch_size, tta=scales
     ):
@@ -136,6 +136,7 @@ def evaluate_folder(
             else:
                 probs_parts.append(outcome.probs)
                 logits_parts.append(outcome.logits)
+                unknown.append(outcome.unknown)
                 targets.append(target)
     if not targets:
         raise DatasetError(f"none of the {len(files)} images in '{data_dir}' could be read.")
@@ -157,6 +158,14 @@ def evaluate_folder(
             np.stack(logits_parts), probs, target_array, classifier.trust.temperature, reliability_png
         ),
     }
+    if all(flag is not None for flag in unknown):  # the run has a rule and rejection is on
+        accepted = ~np.array(unknown, bool)
+        metrics["rejection"] = {
+            "unknown_rate": float(1 - accepted.mean()),  # of in-distribution images: ~1 - accept rate
+            "top1_accepted": float((ranked[accepted, 0] == target_array[accepted]).mean())
+            if accepted.any()
+            else 0.0,
+        }
     return metrics, matrix, run.labels
 
 
@@ -222,6 +231,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"ECE {calibration['ece_before']:.2%} -> {calibration['ece_after']:.2%}, "
         f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}"
     )
+    if "rejection" in metrics:
+        rejection = metrics["rejection"]
+        print(
+            f"'none of these': {rejection['unknown_rate']:.1%} of these images flagged unknown; "
+            f"top-1 on the others {rejection['top1_accepted']:.4f}"
+        )
     if metrics["bad_files"]:
         print(f"\n{len(metrics['bad_files'])} file(s) could not be read; first: {metrics['bad_files'][0]}")
     return 0

@@ -95,6 +95,8 @@ def test_predict_writes_one_row_per_file_with_errors_in_their_rows(
         "top1_prob",
         "top2_label",
         "top2_prob",
+        "ood_score",
+        "unknown",
     ]
     good = [row for row in rows if not row["error"]]
     assert len(good) == 18

@@ -129,6 +129,7 @@ def test_evaluate_reports_calibration_and_draws_reliability(trained_run: Path, t
     calibration = metrics["calibration"]
     assert set(calibration) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}
     assert calibration["nll_after"] <= calibration["nll_before"] + 1e-6  # the split the temperature fit
+    assert 0 <= metrics["rejection"]["unknown_rate"] <= 0.25  # its threshold accepts 95% of this split
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
