@@ -141,11 +141,11 @@ def test_streamed_csv_keeps_the_rows_of_chunks_done_before_a_crash(
     class FailsOnThirdChunk(Classifier):
         chunks = 0
 
-        def predict_views(self, views):  # noqa: ANN001, ANN202
+        def score_views(self, views):  # noqa: ANN001, ANN202
             FailsOnThirdChunk.chunks += 1
             if FailsOnThirdChunk.chunks == 3:
                 raise RuntimeError("simulated crash")
-            return super().predict_views(views)
+            return super().score_views(views)
 
     classifier = FailsOnThirdChunk(load_run(run_dir), batch_size=4)
     files = expand_paths([val_dir])

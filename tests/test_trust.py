@@ -185,3 +185,25 @@ def test_a_rejected_image_carries_the_flag_through_gradio_client(trained_run: Pa
     assert accepted["unknown"] is False and accepted["message"] == ""
     unknown = table["headers"].index("unknown")
     assert [row[unknown] for row in table["data"]] == [True, False]
+
+
+def test_reject_on_a_model_without_a_fitted_rule_uses_the_confidence_floor(untrained_run_dir: Path) -> None:
+    from finetune.runtime import create_classifier
+    from finetune.trust import FALLBACK_MIN_CONFIDENCE
+
+    classifier = create_classifier(load_run(untrained_run_dir), "torch")
+    images = [photo("chelsea"), photo("coffee")]
+    assert classifier.score_images(images).unknown is None  # today's behaviour by default
+    classifier.set_reject(True)
+    scores = classifier.score_images(images)
+    np.testing.assert_array_equal(scores.unknown, scores.probs.max(axis=1) < FALLBACK_MIN_CONFIDENCE)
+    classifier.set_reject(False)
+    assert classifier.score_images(images).unknown is None and classifier.reject is False
+
+
+def test_accept_rate_outside_its_range_is_a_config_error(tmp_path: Path) -> None:
+    from finetune.config import TrainConfig
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="accept_rate"):
+        TrainConfig(data_dir=tmp_path, out=tmp_path / "run", accept_rate=1.0)
