@@ -117,6 +117,11 @@ def get_parser() -> argparse.ArgumentParser:
         help="inference runtime: auto (ONNX Runtime FP32 when available, else PyTorch), onnx, onnx-int8 "
         "(quantized: faster, checked against FP32 first) or torch (default: env STUDIO_RUNTIME, else auto)",
     )
+    model.add_argument(
+        "--reject", action=argparse.BooleanOptionalAction, default=None,
+        help="flag images that are none of the model's classes (default: on for runs with a fitted "
+        "threshold, off for the embedded ImageNet model, which then uses a 50%% confidence floor)",
+    )  # fmt: skip
     training = parser.add_argument_group("training (the Train tab)")
     training.add_argument(
         "--data-dir",
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
     try:
-        service = InferenceService.from_checkpoint(args.checkpoint, runtime=args.runtime)
+        service = InferenceService.from_checkpoint(args.checkpoint, runtime=args.runtime, reject=args.reject)
         trainer = None if args.no_train else create_trainer(args, service)
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,8 @@ from demo.ui import public_message, uploaded_paths, user_errors
 from finetune.disk import prune_folder
 from finetune.safe_text import csv_safe_cell
 
-COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
+# ood_score: higher = further from the model's classes; unknown: none of them (empty when rejection is off)
+COLUMNS = ["file", "top-1", "confidence", "top-k", "error", "ood_score", "unknown"]
 TOP_K = 5
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-batch"
 KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied them into its cache by then)
@@ -37,7 +38,11 @@ def classify_files(
 def to_table(rows: list[BatchRow]) -> pd.DataFrame:
     """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
     return pd.DataFrame(
-        [[row.file, row.top1, row.confidence, row.top_k, public_message(row.error)] for row in rows],
+        [
+            [row.file, row.top1, row.confidence, row.top_k, public_message(row.error)]
+            + [row.ood_score, row.unknown]
+            for row in rows
+        ],
         columns=COLUMNS,
     )
 
@@ -67,7 +72,7 @@ def build(service: InferenceService, model: gr.State | None = None) -> None:
                 label=f"Predictions (top-{TOP_K})",
                 interactive=False,
                 wrap=True,
-                column_widths=["16%", "14%", "13%", "35%", "22%"],
+                column_widths=["15%", "13%", "10%", "30%", "16%", "8%", "8%"],
                 max_height=900,
                 elem_id="batch-table",
             )

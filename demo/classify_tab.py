@@ -1,7 +1,9 @@
 """The Classify tab: one photo in (upload, webcam or clipboard), its top-k classes out, latency, a model card.
 
-Its event is the app's `classify` API: (image, k) -> label dict. Requests run up to the service's batch size
-at once, so visitors who arrive together share one forward pass (see `demo.batching`).
+Its event is the app's `classify` API: (image, k) -> label dict (`label`, `confidences`, and the "none of
+these" verdict: `unknown` true/false, or null when rejection is off for the model, `ood_score`, `message`).
+Requests run up to the service's batch size at once, so visitors who arrive together share one forward pass
+(see `demo.batching`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import gradio as gr
 from demo.model_picker import ModelView
 from demo.service import InferenceService, ModelInfo
 from demo.ui import check_number, image_source, user_errors
+from finetune.inference import Prediction
 from finetune.safe_text import escape_markdown, markdown_code
+from finetune.trust import describe_trust
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEFAULT_K = 5
@@ -29,17 +33,71 @@ def example_images() -> list[str]:
     return [str(path) for path in sorted(EXAMPLES_DIR.glob("*.jpg"))]
 
 
+class Verdict(dict):
+    """Top-k `{label: prob}` (what `gr.Label` shows) that also carries the "none of these" verdict."""
+
+    def __init__(self, prediction: Prediction, num_classes: int) -> None:
+        super().__init__(prediction.as_dict())
+        self.unknown = prediction.unknown
+        self.ood_score = prediction.ood_score
+        self.message = unknown_message(prediction, num_classes) if prediction.unknown else ""
+
+    def extra(self) -> dict[str, Any]:
+        """The keys the API result carries beside `label` and `confidences`."""
+        return {"unknown": self.unknown, "ood_score": self.ood_score, "message": self.message}
+
+
+def verdict_label(**options: Any) -> gr.Label:
+    """A `gr.Label` whose value also has `unknown`, `ood_score` and `message` when given a `Verdict`: API
+    clients get the flag, clients that read only `label` and `confidences` see no change.
+
+    Its instance's `postprocess` is wrapped rather than subclassed: Gradio writes a `.pyi` stub beside the
+    module of every Component subclass when it is imported, which a server must not do to its own source.
+    """
+    label = gr.Label(**options)
+    plain = label.postprocess
+
+    def postprocess(value: Any) -> Any:
+        data = plain(dict(value) if isinstance(value, Verdict) else value)
+        if isinstance(value, Verdict):
+            data = {**(data.model_dump() if hasattr(data, "model_dump") else dict(data)), **value.extra()}
+        return data
+
+    label.postprocess = postprocess  # type: ignore[method-assign]
+    return label
+
+
+def unknown_message(prediction: Prediction, num_classes: int) -> str:
+    """The plain sentence for a rejected image (plain text for API clients; `describe_outcome` escapes it)."""
+    return (
+        f"Not one of the {num_classes} classes this model knows; closest: "
+        f"{prediction.label} ({prediction.prob:.0%})."
+    )
+
+
 def classify(
     service: InferenceService, image: Any, k: float, model: str | None = None
-) -> tuple[dict[str, float], float]:
-    """Top-k `{label: prob}` by the session's `model` for the `gr.Label`, and the seconds it took."""
+) -> tuple[Verdict, float]:
+    """Top-k `{label: prob}` by the session's `model` for the `gr.Label` (with the "none of these" verdict
+    attached, see `Verdict`), and the seconds it took."""
     with user_errors():
         # The slider's own range; a k above a small model's class count is clamped (all its classes are shown)
         k = check_number("k", k, 1, MAX_K, whole=True)
         source, name = image_source(image)
         start = time.perf_counter()
         prediction = service.predict_topk(source, k, name=name, model=model)
-    return prediction.as_dict(), time.perf_counter() - start
+        num_classes = len(service.info(model).labels)
+    return Verdict(prediction, num_classes), time.perf_counter() - start
+
+
+def describe_outcome(result: tuple[str, float] | None) -> str:
+    """The line under the result: the "none of these" sentence when the image was rejected, and latency."""
+    if result is None:
+        return ""
+    message, latency_s = result
+    latency = describe_latency(latency_s)
+    # class names come from a stranger's folders: escaped (finetune.safe_text)
+    return f"**{escape_markdown(message)}**  \n{latency}" if message else latency
 
 
 def describe_latency(latency_s: float | None) -> str:
@@ -62,6 +120,7 @@ def model_card(info: ModelInfo) -> str:
         f"**Weights:** {markdown_code(info.weights_source)}",
         f"**Loaded from:** {_source_name(info.source)}",
     ]
+    lines.extend(describe_trust(info.trust))  # our numbers and a method name from finetune.ood.METHODS only
     metrics = _scalar_metrics(info.metrics)
     if metrics:
         shown_metrics = (f"{escape_markdown(key)} {escape_markdown(value)}" for key, value in metrics.items())
@@ -95,22 +154,30 @@ def build(service: InferenceService, model: gr.State | None = None) -> list[Mode
             )
             button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         with gr.Column():
-            label = gr.Label(label="Top classes", elem_id="classify-label")
+            label = verdict_label(label="Top classes", elem_id="classify-label")
             latency = gr.Markdown(elem_id="classify-latency")
             with gr.Accordion("About the model", open=True):
                 card = gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
     gr.Examples(examples=example_images(), inputs=image, label="Example photos (scikit-image)")
-    latency_s = gr.State()
+    outcome = gr.State()  # (the "none of these" sentence or "", seconds): shown, not part of the API
     button.click(
-        partial(classify, service),
+        partial(_classify_and_outcome, service),
         inputs=[image, k, *([model] if model else [])],
-        outputs=[label, latency_s],
+        outputs=[label, outcome],
         api_name="classify",
         preprocess=False,  # `open_image` decodes the upload, with clear messages for bad files
         concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
         concurrency_id="classify",
-    ).success(describe_latency, latency_s, latency, api_visibility="private", queue=False)
+    ).success(describe_outcome, outcome, latency, api_visibility="private", queue=False)
     return [(card, lambda name: model_card(service.info(name))), (k, partial(k_slider, service))]
+
+
+def _classify_and_outcome(
+    service: InferenceService, image: Any, k: float, model: str | None = None
+) -> tuple[Verdict, tuple[str, float]]:
+    """`classify`, with the verdict sentence beside the latency for the line under the result."""
+    verdict, latency_s = classify(service, image, k, model)
+    return verdict, (verdict.message, latency_s)
 
 
 def _source_name(source: str) -> str:

@@ -29,9 +29,10 @@ from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
 from finetune.file_predict import classify_files
 from finetune.images import UPLOAD_LIMITS, ImageSource, open_image
-from finetune.inference import Classifier, Prediction, top_k
+from finetune.inference import Classifier, Prediction, Scores, top_k
 from finetune.modeling import draft_size_for
 from finetune.runtime import create_classifier
+from finetune.trust import trust_summary
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ModelInfo:
     source: str  # run folder (an hf-hub run's cache folder) or "embedded"
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: str = "torch"
+    trust: dict[str, Any] = field(default_factory=dict)  # finetune.trust.trust_summary of the model
 
 
 @dataclass
@@ -79,18 +81,23 @@ class BatchRow:
     confidence: float | None = None
     top_k: str = ""
     error: str = ""
+    ood_score: float | None = None  # higher = further from the model's classes; None: no OOD rule
+    unknown: bool | None = None  # True: none of the model's classes; None: rejection off for this model
 
 
 class _Model:
     """A loaded run with its classifier, its request batcher and (on first use) its Grad-CAM copy."""
 
-    def __init__(self, name: str, run: LoadedRun, runtime: str, max_batch_size: int) -> None:
+    def __init__(
+        self, name: str, run: LoadedRun, runtime: str, max_batch_size: int, reject: bool | None = None
+    ) -> None:
         self.name = name
         self.run = run
         self.runtime = runtime
         self.classifier: Classifier = create_classifier(run, runtime)
-        self.batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
-            lambda images: list(self.classifier.predict_probs(images)),
+        self.classifier.set_reject(reject)
+        self.batcher: MicroBatcher[Image.Image, Scores] = MicroBatcher(
+            lambda images: self.classifier.score_images(images).rows(),
             max_batch_size=max_batch_size,
             name=f"classify[{name}]",
         )
@@ -107,9 +114,10 @@ class _Model:
 class InferenceService:
     """Named runs, a default one, and the three things the app does with them: classify, explain, batch."""
 
-    def __init__(self, runtime: str = "auto", max_batch_size: int = 8) -> None:
+    def __init__(self, runtime: str = "auto", max_batch_size: int = 8, reject: bool | None = None) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
+        self.reject = reject  # the operator's --reject/--no-reject; None: on for runs with a fitted rule
         self._models: dict[str, _Model] = {}
         self._default: str | None = None  # the operator's model, for requests that name none
         self._lock = threading.Lock()
@@ -117,10 +125,14 @@ class InferenceService:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path | None = None, runtime: str = "auto", max_batch_size: int = 8
+        cls,
+        checkpoint: str | Path | None = None,
+        runtime: str = "auto",
+        max_batch_size: int = 8,
+        reject: bool | None = None,
     ) -> InferenceService:
         """Serve `checkpoint` (a run folder or `hf-hub:USER/NAME`), or the embedded ImageNet model."""
-        service = cls(runtime=runtime, max_batch_size=max_batch_size)
+        service = cls(runtime=runtime, max_batch_size=max_batch_size, reject=reject)
         if checkpoint:  # a folder is named by its last part: the Model menu must not show server paths
             is_hub = str(checkpoint).startswith("hf-hub:")
             name = str(checkpoint) if is_hub else Path(checkpoint).resolve().name
@@ -132,7 +144,7 @@ class InferenceService:
     def add_run(self, name: str, run: LoadedRun, make_default: bool = True) -> None:
         """Serve `run` under `name` (replacing a run of that name); the default model when told (or the
         first one). Trained runs are added with `make_default=False`, owned in `self.lanes`."""
-        model = _Model(name, run, self.runtime, self.max_batch_size)
+        model = _Model(name, run, self.runtime, self.max_batch_size, self.reject)
         with self._lock:
             old = self._models.pop(name, None)
             self._models[name] = model
@@ -188,6 +200,7 @@ class InferenceService:
             metrics=dict(studio.get("metrics") or {}),
             runtime=getattr(model.classifier, "runtime", None)
             or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
+            trust=trust_summary(run.config, model.classifier.trust, model.classifier.reject),
         )
 
     def predict_topk(
@@ -200,8 +213,7 @@ class InferenceService:
         """
         served = self._current(model)
         picture = self._open(served, image, name)
-        probs = served.batcher.submit(picture)
-        return top_k(probs[None, :], served.run.labels, _check_k(k))[0]
+        return served.batcher.submit(picture).top_k(served.run.labels, _check_k(k))[0]
 
     def explain(
         self,
@@ -262,7 +274,11 @@ class InferenceService:
                 if outcome.probs is None:
                     results[outcome.item] = outcome.error or "unreadable"
                 else:
-                    results[outcome.item] = top_k(outcome.probs[None], model.run.labels, k)[0]
+                    verdict = (
+                        None if outcome.ood_score is None else np.array([outcome.ood_score]),
+                        None if outcome.unknown is None else np.array([outcome.unknown]),
+                    )
+                    results[outcome.item] = top_k(outcome.probs[None], model.run.labels, k, *verdict)[0]
         rows = []
         for key, path in zip(keys, paths, strict=True):
             result = results[key]
@@ -275,6 +291,8 @@ class InferenceService:
                     top1=result.label,
                     confidence=round(result.prob, 4),
                     top_k=", ".join(f"{label} ({prob:.1%})" for label, prob in result.as_dict().items()),
+                    ood_score=None if result.ood_score is None else round(result.ood_score, 4),
+                    unknown=result.unknown,
                 )
             )
         return rows

@@ -106,6 +106,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--patience", type=int, default=d["patience"], help="early-stopping patience (epochs)"
     )
     recipe.add_argument("--probe-epochs", type=int, default=d["probe_epochs"], help="linear-probe epochs")
+    recipe.add_argument(
+        "--accept-rate", type=float, default=d["accept_rate"],
+        help="'none of these' threshold: share of validation images accepted as one of the classes",
+    )  # fmt: skip
 
     data = parser.add_argument_group("data")
     data.add_argument(

@@ -46,6 +46,7 @@ class TrainConfig:
         -1
     )  # leading layer groups (stem first) kept frozen when fine-tuning; -1 = from the data (recipe.py)
     val_fraction: float = 0.2  # share of each class held out when DATA_DIR has no val/ folder
+    accept_rate: float = 0.95  # "none of these" threshold: the share of validation images it accepts
     patience: int = 3  # early stopping: epochs without a better validation score
     probe_epochs: int = 60  # linear-probe epochs on cached features (cheap: the backbone runs once)
     seed: int = 0  # seeds the split, shuffling and augmentation
@@ -88,6 +89,10 @@ class TrainConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"invalid val_fraction {self.val_fraction}; use a value in (0, 1), such as 0.2."
+            )
+        if not 0.5 <= self.accept_rate < 1:
+            raise ConfigError(
+                f"invalid accept_rate {self.accept_rate}; use a value in [0.5, 1), such as 0.95."
             )
         if self.img_size and not 32 <= self.img_size <= 1024:
             raise ConfigError(f"invalid img_size {self.img_size}; use 0 (auto) or a size from 32 to 1024.")

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+RELIABILITY_FILE = "reliability.png"
+
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -101,9 +103,17 @@ def held_out_files(run: LoadedRun, data_dir: Path) -> tuple[list[tuple[Path, int
 
 
 def evaluate_folder(
-    data_dir: Path, checkpoint: str, batch_size: int = 32, runtime: str = "auto", tta: str | None = None
+    data_dir: Path,
+    checkpoint: str,
+    batch_size: int = 32,
+    runtime: str = "auto",
+    tta: str | None = None,
+    reliability_png: Path | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
-    """Metrics dict (top1, top5, n, per_class, bad_files), confusion matrix and labels."""
+    """Metrics dict (top1, top5, n, per_class, bad_files, calibration), confusion matrix and labels.
+
+    `reliability_png`: where to draw the reliability diagram (before and after the run's temperature).
+    """
     from finetune.checkpoint import load_run
     from finetune.file_predict import classify_files
     from finetune.inference import parse_tta
@@ -115,7 +125,7 @@ def evaluate_folder(
     held_out = held_out_files(run, data_dir)
     files, subset = held_out if held_out is not None else (labelled_files(data_dir, run.labels), "folder")
     scales = parse_tta(tta)
-    probs_parts, targets, bad = [], [], []
+    probs_parts, logits_parts, unknown, targets, bad = [], [], [], [], []
     for outcomes in classify_files(
         classifier, files, lambda item: classifier.open(item[0]), chunk_size=batch_size, tta=scales
     ):
@@ -125,6 +135,8 @@ def evaluate_folder(
                 bad.append({"path": str(path), "error": outcome.error})
             else:
                 probs_parts.append(outcome.probs)
+                logits_parts.append(outcome.logits)
+                unknown.append(outcome.unknown)
                 targets.append(target)
     if not targets:
         raise DatasetError(f"none of the {len(files)} images in '{data_dir}' could be read.")
@@ -142,8 +154,43 @@ def evaluate_folder(
         "bad_files": bad,
         "checkpoint": str(checkpoint),
         "subset": subset,  # "folder" (all of DATA_DIR), or the run's recorded "test" / "val" split
+        "calibration": calibration_report(
+            np.stack(logits_parts), probs, target_array, classifier.trust.temperature, reliability_png
+        ),
     }
+    if all(flag is not None for flag in unknown):  # the run has a rule and rejection is on
+        accepted = ~np.array(unknown, bool)
+        metrics["rejection"] = {
+            "unknown_rate": float(1 - accepted.mean()),  # of in-distribution images: ~1 - accept rate
+            "top1_accepted": float((ranked[accepted, 0] == target_array[accepted]).mean())
+            if accepted.any()
+            else 0.0,
+        }
     return metrics, matrix, run.labels
+
+
+def calibration_report(
+    logits: np.ndarray, probs: np.ndarray, targets: np.ndarray, temperature: float, png: Path | None
+) -> dict[str, float]:
+    """ECE (15 bins) and NLL of the raw softmax ("before") and of what users get ("after": the run's
+    temperature, and test-time views when asked); draws `png` when given."""
+    from finetune.calibration import ece, nll, plot_reliability
+    from finetune.inference import softmax
+
+    raw = softmax(logits.astype(np.float64))
+    report = {
+        "temperature": temperature,
+        "ece_before": ece(raw, targets),
+        "ece_after": ece(probs, targets),
+        "nll_before": nll(raw, targets),
+        "nll_after": nll(probs, targets),
+    }
+    if png is not None:
+        try:
+            plot_reliability([("raw softmax", raw), (f"T = {temperature:.2f}", probs)], targets, png)
+        except OSError as error:  # a read-only run folder (the Hub cache): the numbers still count
+            logger.warning("Could not write %s (%s); pass --out-dir to write it elsewhere.", png, error)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from finetune.reports import format_report, write_reports
 
     metrics, matrix, labels = evaluate_folder(
-        args.data_dir, args.checkpoint, args.batch_size, args.runtime, args.tta
+        args.data_dir, args.checkpoint, args.batch_size, args.runtime, args.tta, _reliability_path(args)
     )
     if args.out_dir is not None:
         write_reports(args.out_dir, matrix, labels)
@@ -178,9 +225,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("confusion matrix (rows: true, columns: predicted)")
         for label, row in zip(labels, matrix, strict=True):
             print(f"{label:>{width}}  " + " ".join(f"{count:4d}" for count in row))
+    calibration = metrics["calibration"]
+    print(
+        f"\ncalibration (temperature {calibration['temperature']:.3f}): "
+        f"ECE {calibration['ece_before']:.2%} -> {calibration['ece_after']:.2%}, "
+        f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}"
+    )
+    if "rejection" in metrics:
+        rejection = metrics["rejection"]
+        print(
+            f"'none of these': {rejection['unknown_rate']:.1%} of these images flagged unknown; "
+            f"top-1 on the others {rejection['top1_accepted']:.4f}"
+        )
     if metrics["bad_files"]:
         print(f"\n{len(metrics['bad_files'])} file(s) could not be read; first: {metrics['bad_files'][0]}")
     return 0
+
+
+def _reliability_path(args: argparse.Namespace) -> Path | None:
+    """reliability.png in --out-dir, else in the run folder (a local one: Hub snapshots stay untouched)."""
+    if args.out_dir is not None:
+        return Path(args.out_dir) / RELIABILITY_FILE
+    if str(args.checkpoint).startswith("hf-hub:"):
+        return None
+    return Path(args.checkpoint) / RELIABILITY_FILE
 
 
 if __name__ == "__main__":

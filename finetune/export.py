@@ -47,11 +47,13 @@ from finetune.inference import (
     has_module,
 )
 from finetune.quantize import INT8_FILE, Int8Report, quantization_images, quantize_export
+from finetune.trust import FEATURES_OUTPUT, LogitsAndFeatures
 
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-EXPORT_FORMAT = "1"  # bump when the export changes in a way that makes older files unfit to serve
+EXPORT_FORMAT = "2"  # bump when the export changes in a way that makes older files unfit to serve
+# (2: a second output, the penultimate features, for the "none of these" score; see finetune.trust)
 OPSET = 20  # supported by every onnxruntime >= 1.17
 PARITY_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over all classes and check images
 MAX_CHECK_IMAGES = 32
@@ -282,11 +284,11 @@ def _export_program(run: LoadedRun, fingerprint: str) -> Any:
         with warnings.catch_warnings(), _quiet_loggers("onnx_ir", "onnxscript"):
             warnings.simplefilter("ignore")  # exporter internals warn about things users cannot act on
             program = torch.onnx.export(
-                model.eval(),
+                LogitsAndFeatures(model).eval(),
                 (example,),
                 dynamo=True,
                 input_names=["input"],
-                output_names=["logits"],
+                output_names=["logits", FEATURES_OUTPUT],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 opset_version=OPSET,
                 optimize=True,

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.errors import ImageError
-from finetune.inference import Classifier, available_cores
+from finetune.inference import Classifier, Scores, available_cores
 
 Item = TypeVar("Item")
 Opened = TypeVar("Opened")
@@ -31,6 +31,9 @@ class FileOutcome(Generic[Item]):
     item: Item
     probs: np.ndarray | None = None
     error: str | None = None
+    ood_score: float | None = None  # see `finetune.inference.Scores`: None when the run has no OOD rule
+    unknown: bool | None = None
+    logits: np.ndarray | None = None  # raw logits, for calibration reports
 
 
 def open_files(
@@ -81,10 +84,22 @@ def classify_files(
             if number + 1 < len(chunks):  # decode the next chunk while this one is classified
                 opening = ahead.submit(open_files, chunks[number + 1], open_and_view, pool)
             good = [views for views in opened if not isinstance(views, str)]
-            probs = iter(classifier.predict_views([[views[z] for views in good] for z in range(len(zooms))]))
+            scores = classifier.score_views([[views[z] for views in good] for z in range(len(zooms))])
+            verdicts = iter(range(len(good)))
             yield [
                 FileOutcome(item, error=views)
                 if isinstance(views, str)
-                else FileOutcome(item, probs=next(probs))
+                else _outcome(item, scores, next(verdicts))
                 for item, views in zip(chunk, opened, strict=True)
             ]
+
+
+def _outcome(item: Item, scores: Scores, row: int) -> FileOutcome[Item]:
+    """Row `row` of a chunk's scores as one file's outcome."""
+    return FileOutcome(
+        item,
+        probs=scores.probs[row],
+        ood_score=None if scores.ood_scores is None else float(scores.ood_scores[row]),
+        unknown=None if scores.unknown is None else bool(scores.unknown[row]),
+        logits=None if scores.logits is None else scores.logits[row],
+    )

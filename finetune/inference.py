@@ -9,6 +9,7 @@ one label order and one way of reporting top-k; they differ only in what compute
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
@@ -26,6 +27,7 @@ from finetune.checkpoint import LoadedRun
 from finetune.errors import CheckpointError, ConfigError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
 from finetune.modeling import draft_size_for, split_eval_transform
+from finetune.trust import FALLBACK_MIN_CONFIDENCE, LogitsAndFeatures, read_trust
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class Prediction:
 
     labels: list[str]
     probs: list[float]
+    ood_score: float | None = None  # higher = further from the training classes; None: the run has no rule
+    unknown: bool | None = None  # True: "not one of the classes"; None: rejection is off or unavailable
 
     @property
     def label(self) -> str:
@@ -56,14 +60,50 @@ class Prediction:
         return dict(zip(self.labels, self.probs, strict=True))
 
 
-def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
-    """Top-k predictions for each row of an (N, C) probability array."""
+def top_k(
+    probs: np.ndarray,
+    labels: Sequence[str],
+    k: int,
+    ood_scores: np.ndarray | None = None,
+    unknown: np.ndarray | None = None,
+) -> list[Prediction]:
+    """Top-k predictions for each row of an (N, C) probability array, with each row's OOD verdict if given."""
     k = max(1, min(int(k), probs.shape[1]))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [
-        Prediction(labels=[labels[i] for i in row], probs=[float(p) for p in probs[n, row]])
+        Prediction(
+            labels=[labels[i] for i in row],
+            probs=[float(p) for p in probs[n, row]],
+            ood_score=None if ood_scores is None else float(ood_scores[n]),
+            unknown=None if unknown is None else bool(unknown[n]),
+        )
         for n, row in enumerate(order)
     ]
+
+
+@dataclass
+class Scores:
+    """A batch's calibrated probabilities (N, C) and, when the run has an OOD rule, scores and verdicts."""
+
+    probs: np.ndarray
+    ood_scores: np.ndarray | None = None  # higher = further from the training classes
+    unknown: np.ndarray | None = None  # bool per image; None when rejection is off
+    logits: np.ndarray | None = None  # raw logits (averaged over zooms), for calibration reports
+
+    def top_k(self, labels: Sequence[str], k: int) -> list[Prediction]:
+        return top_k(self.probs, labels, k, self.ood_scores, self.unknown)
+
+    def rows(self) -> list[Scores]:
+        """One `Scores` of one image per row (the app's request batcher hands each request its own)."""
+        return [
+            Scores(
+                self.probs[n : n + 1],
+                None if self.ood_scores is None else self.ood_scores[n : n + 1],
+                None if self.unknown is None else self.unknown[n : n + 1],
+                None if self.logits is None else self.logits[n : n + 1],
+            )
+            for n in range(len(self.probs))
+        ]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -117,6 +157,20 @@ class Classifier:
         self._scale = 1.0 / (255.0 * std_array)
         self._shift = np.asarray(mean, np.float32).reshape(3, 1, 1) / std_array
         self._lock = threading.Lock()
+        # temperature and "none of these" rule from config.json (finetune.trust); every runtime applies them
+        self.trust = read_trust(run.config, run.run_dir.name if run.run_dir else run.architecture)
+        self.reject = self.trust.rejector is not None  # callers may turn it off (--no-reject)
+        self._net = LogitsAndFeatures(run.model)
+
+    def set_reject(self, reject: bool | None) -> None:
+        """Rejection on (True), off (False: scores still computed) or as the run says (None: on when it has
+        a fitted rule). On for a model without one, "unknown" means a top-1 probability below
+        `finetune.trust.FALLBACK_MIN_CONFIDENCE`."""
+        if reject and self.trust.rejector is None:
+            self.trust = self.trust.with_fallback_rule()
+            logger.info("No fitted 'none of these' rule for this model: unknown below %.0f%% confidence.",
+                        100 * FALLBACK_MIN_CONFIDENCE)  # fmt: skip
+        self.reject = self.trust.rejector is not None if reject is None else bool(reject)
 
     def open(self, source: ImageSource) -> Image.Image:
         """Open an image for this classifier: large JPEGs decode at reduced size (see `draft_size_for`)."""
@@ -149,12 +203,20 @@ class Classifier:
         return torch.from_numpy(batch)
 
     def predict_logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Logits of an already preprocessed batch, in chunks of `batch_size`."""
-        outputs = []
+        """Raw (uncalibrated) logits of an already preprocessed batch, in chunks of `batch_size`."""
+        return self.predict_outputs(batch)[0]
+
+    def predict_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits and penultimate features of a preprocessed batch, from one pass per chunk."""
+        logits, features = [], []
         with self._lock, torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
-                outputs.append(self.run.model(batch[start : start + self.batch_size]).float())
-        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.labels)), np.float32)
+                chunk_logits, chunk_features = self._net(batch[start : start + self.batch_size])
+                logits.append(chunk_logits.float())
+                features.append(chunk_features.float())
+        if not logits:
+            return np.zeros((0, len(self.labels)), np.float32), None
+        return torch.cat(logits).numpy(), torch.cat(features).numpy()
 
     def predict_probs(self, images: Sequence[Image.Image], tta: Sequence[float] | None = None) -> np.ndarray:
         """Softmax probabilities, one row per image.
@@ -167,18 +229,35 @@ class Classifier:
 
     def predict_views(self, views: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         """Softmax probabilities of `view_pixels` views (`views[z][n]`: image n, zoom z), zooms averaged."""
+        return self.score_views(views).probs
+
+    def score_views(self, views: Sequence[Sequence[np.ndarray]]) -> Scores:
+        """Calibrated probabilities (softmax of logits / the run's temperature) and OOD scores of views
+        (`views[z][n]`: image n, zoom z), both averaged over zooms; the one scoring step of every runtime."""
         count = len(views[0]) if views else 0
         if count == 0:
-            return np.zeros((0, len(self.labels)), np.float32)
+            return Scores(np.zeros((0, len(self.labels)), np.float32))
         batch = torch.cat([self.normalize(per_zoom) for per_zoom in views])
-        probs = softmax(self.predict_logits(batch))
-        return probs.reshape(len(views), count, -1).mean(axis=0)
+        logits, features = self.predict_outputs(batch)
+        probs = softmax(logits / self.trust.temperature).reshape(len(views), count, -1).mean(axis=0)
+        mean_logits = logits.reshape(len(views), count, -1).mean(axis=0)
+        rule = self.trust.rejector
+        if rule is None or (rule.needs_features and features is None):
+            return Scores(probs, logits=mean_logits)
+        ood_scores = rule.score(logits, features).reshape(len(views), count).mean(axis=0)
+        unknown = ood_scores > rule.threshold if self.reject else None
+        return Scores(probs, ood_scores, unknown, mean_logits)
+
+    def score_images(self, images: Sequence[Image.Image], tta: Sequence[float] | None = None) -> Scores:
+        """`score_views` of PIL images (see `predict_probs` for `tta`)."""
+        zooms = tuple(tta) if tta else (1.0,)
+        return self.score_views([[self.view_pixels(image, zoom) for image in images] for zoom in zooms])
 
     def predict(
         self, images: Sequence[Image.Image], k: int = 5, tta: Sequence[float] | None = None
     ) -> list[Prediction]:
         """Top-k labels for each image."""
-        return top_k(self.predict_probs(images, tta), self.labels, k)
+        return self.score_images(images, tta).top_k(self.labels, k)
 
     def _view(self, zoom: float) -> Any:
         """A zoomed view's resize and crop: the crop covers crop_pct / zoom of the shorter side (max 1)."""
@@ -212,13 +291,17 @@ class OnnxClassifier(Classifier):
         """The `metadata_props` written at export (fingerprint, labels, data config)."""
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def predict_logits(self, batch: torch.Tensor) -> np.ndarray:
+    def predict_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         array = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch, np.float32)
         outputs = [
-            self.session.run(None, {self._input_name: array[start : start + self.batch_size]})[0]
+            self.session.run(None, {self._input_name: array[start : start + self.batch_size]})
             for start in range(0, len(array), self.batch_size)
         ]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
+        if not outputs:
+            return np.zeros((0, len(self.labels)), np.float32), None
+        logits = np.concatenate([chunk[0] for chunk in outputs])
+        has_features = all(len(chunk) > 1 for chunk in outputs)  # exports before EXPORT_FORMAT 2: logits only
+        return logits, np.concatenate([chunk[1] for chunk in outputs]) if has_features else None
 
 
 @dataclass
@@ -298,3 +381,7 @@ def add_inference_arguments(parser: Any) -> None:
         help="test-time augmentation: average over zoomed views ('default' or scales such as 1,0.875,1.15)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="warnings only on stderr")
+    parser.add_argument(
+        "--reject", action=argparse.BooleanOptionalAction, default=None,
+        help="flag images that are none of the classes (default: on when the run has a fitted threshold)",
+    )  # fmt: skip

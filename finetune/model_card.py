@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from finetune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, label_names_of, read_run_config
 from finetune.safe_text import escape_markdown, markdown_code
+from finetune.trust import card_section as trust_card_section
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
     sections = [
         _overview(config, name),
         _results(config, report, run_dir),
+        trust_card_section(config, (run_dir / "reliability.png").is_file()),
         _classes(config, report),
         _usage(repo_id, run_dir),
         _training(studio, history),

@@ -25,6 +25,7 @@ from finetune.inference import add_inference_arguments, available_cores, parse_t
 from finetune.safe_text import csv_safe_row
 
 BASE_COLUMNS = ["path", "label", "prob", "error"]
+TRUST_COLUMNS = ["ood_score", "unknown"]  # after the top-k: higher = further from the classes; true/false
 
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -73,6 +74,10 @@ def predict_rows(
                 "prob": "",
                 "error": outcome.error or "",
             }
+            if outcome.ood_score is not None:
+                row["ood_score"] = f"{outcome.ood_score:.6f}"
+            if outcome.unknown is not None:
+                row["unknown"] = "true" if outcome.unknown else "false"
             if outcome.probs is not None:
                 prediction = next(predictions)
                 row.update(label=prediction.label, prob=f"{prediction.prob:.6f}")
@@ -86,8 +91,9 @@ def predict_rows(
 
 
 def columns(top_k: int) -> list[str]:
-    """Header: the fixed columns, then label/prob pairs for each rank."""
-    return BASE_COLUMNS + [f"top{i}_{kind}" for i in range(1, top_k + 1) for kind in ("label", "prob")]
+    """Header: the fixed columns, label/prob pairs for each rank, then the OOD score and verdict."""
+    ranks = [f"top{i}_{kind}" for i in range(1, top_k + 1) for kind in ("label", "prob")]
+    return BASE_COLUMNS + ranks + TRUST_COLUMNS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not dist.is_main:
         dist.barrier()  # rank 0 exports (or quantizes) once; the others then find its file
     classifier = create_classifier(run, runtime=args.runtime, batch_size=args.batch_size)
+    classifier.set_reject(args.reject)
     if dist.is_main:
         dist.barrier()
     top_k = min(args.top_k, len(run.labels))

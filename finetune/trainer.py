@@ -68,6 +68,7 @@ from finetune.split import (
     warn_about_classes,
     write_split,
 )
+from finetune.trust_fit import trust_sections
 
 logger = logging.getLogger(__name__)
 
@@ -761,6 +762,9 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
         studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
         if run.test is not None and len(run.test):
             studio["metrics"].update(_test_metrics(run, best.model, fp32))
+        studio.update(trust_sections(best.model, run.train, run.val, run.mean, run.std, run.dist.device,
+                                     len(run.labels), run.config.accept_rate,
+                                     run.run_dir / "reliability.png"))  # fmt: skip
         studio["metrics"]["interrupted"] = interrupted
         studio["metrics"]["wall_s"] = time.perf_counter() - run.started
         checkpoint.save_run(run.run_dir, best.model, run.labels, run.data_config, studio)

@@ -82,7 +82,7 @@ def test_batch_returns_one_row_per_file_and_the_same_rows_as_csv(client: Client,
     broken = write_broken_files(tmp_path)["not_an_image.jpg"]
     files = [EXAMPLES / f"{name}.jpg" for name in ("chelsea", "coffee", "rocket")] + [broken]
     table, csv_path = client.predict([handle_file(file) for file in files], api_name="/batch")
-    assert table["headers"] == ["file", "top-1", "confidence", "top-k", "error"]
+    assert table["headers"] == ["file", "top-1", "confidence", "top-k", "error", "ood_score", "unknown"]
     rows = table["data"]
     assert [row[0] for row in rows] == [file.name for file in files]
     assert rows[0][1] in CAT_CLASSES and rows[0][4] == ""

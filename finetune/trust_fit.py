@@ -1,0 +1,119 @@
+"""After training: fit the temperature and the "none of these" rule on the run's own held-out images.
+
+`fit_trust` is pure numbers (logits, features, targets in; the config.json sections out), so tests and
+`bench/trust.py` call it the same way training does; `trust_sections` runs the kept model over the training
+caches to get those numbers. The validation split fits both the temperature (NLL) and the OOD threshold
+(the score that accepts `accept_rate` of it); the class means of the cosine score come from the training
+features, so the threshold is measured on images the means never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune import ood
+from finetune.augment import normalize
+from finetune.calibration import calibration_figures, fit_temperature, plot_reliability, softmax_t
+from finetune.data import CachedImages
+from finetune.trust import LogitsAndFeatures
+
+logger = logging.getLogger(__name__)
+
+MAX_TRAIN_PER_CLASS = 200  # class means settle long before this; bounds the extra pass on large datasets
+
+
+def fit_trust(
+    val_logits: np.ndarray,
+    val_targets: np.ndarray,
+    val_features: np.ndarray,
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    num_classes: int,
+    accept_rate: float = ood.DEFAULT_ACCEPT_RATE,
+    method: str = ood.DEFAULT_METHOD,
+) -> dict[str, dict[str, Any]]:
+    """`{"calibration": {...}, "ood": {...}}` for `studio` in config.json."""
+    temperature = fit_temperature(val_logits, val_targets)
+    calibration = {"temperature": temperature, "fitted_on": "validation", "n_images": int(len(val_targets))}
+    calibration.update(calibration_figures(val_logits, val_targets, temperature))
+    means = ood.class_means(train_features, train_targets, num_classes) if method == "cosine" else None
+    probe = ood.Rejector(method, 0.0, accept_rate, means)
+    val_scores = probe.score(val_logits, val_features)
+    rule = ood.Rejector(method, ood.threshold_for(val_scores, accept_rate), accept_rate, means)
+    stored = rule.to_dict()
+    stored["val_accepted"] = float((val_scores <= rule.threshold).mean())
+    return {"calibration": calibration, "ood": stored}
+
+
+@torch.inference_mode()
+def collect_outputs(
+    model: torch.nn.Module,
+    data: CachedImages,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    index: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 logits and penultimate features of cached images (all, or `index`), as inference computes them."""
+    net = LogitsAndFeatures(model).eval()
+    rows = torch.arange(len(data)) if index is None else index
+    logits, features = [], []
+    for chunk in torch.split(rows, batch_size):
+        pixels = data.pixels[chunk].to(device)
+        chunk_logits, chunk_features = net(normalize(pixels, mean, std))
+        logits.append(chunk_logits.float().cpu())
+        features.append(chunk_features.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(features).numpy()
+
+
+def trust_sections(
+    model: torch.nn.Module,
+    train: CachedImages,
+    val: CachedImages,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    num_classes: int,
+    accept_rate: float = ood.DEFAULT_ACCEPT_RATE,
+    reliability_png: Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Fit calibration and the OOD rule for the kept `model` from the run's train and validation caches;
+    draw the validation reliability diagram into `reliability_png` when given."""
+    targets = train.targets.numpy()
+    generator = np.random.default_rng(0)
+    chosen = np.concatenate(
+        [
+            generator.permutation(np.flatnonzero(targets == c))[:MAX_TRAIN_PER_CLASS]
+            for c in range(num_classes)
+        ]
+    )
+    chosen.sort()
+    _, train_features = collect_outputs(model, train, mean, std, device, torch.from_numpy(chosen))
+    val_logits, val_features = collect_outputs(model, val, mean, std, device)
+    sections = fit_trust(
+        val_logits,
+        val.targets.numpy(),
+        val_features,
+        train_features,
+        targets[chosen],
+        num_classes,
+        accept_rate,
+    )
+    calibration, rule = sections["calibration"], sections["ood"]
+    if reliability_png is not None:
+        raw, scaled = softmax_t(val_logits), softmax_t(val_logits, calibration["temperature"])
+        curves = [("raw softmax", raw), (f"T = {calibration['temperature']:.2f}", scaled)]
+        plot_reliability(curves, val.targets.numpy(), reliability_png)
+    logger.info(
+        "Calibrated: temperature %.3f, validation ECE %.2f%% -> %.2f%%; 'none of these' above %s %.4f "
+        "(accepts %.0f%% of validation images).",
+        calibration["temperature"], 100 * calibration["ece_before"], 100 * calibration["ece_after"],
+        rule["method"], rule["threshold"], 100 * rule["val_accepted"],
+    )  # fmt: skip
+    return sections
