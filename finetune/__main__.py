@@ -116,6 +116,11 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     data.add_argument("--workers", type=int, default=d["workers"], help="decoding threads; 0 = all cores")
     data.add_argument("--cache-dir", type=Path, help="decoded-image cache folder (default RUN_DIR/.cache)")
+    data.add_argument(
+        "--exclude-issues", type=Path, metavar="FILE",
+        help="leave out the files a data report flagged: its data_report.json, or data_issues.txt after "
+        "deleting the lines you disagree with (python -m finetune.inspect writes both; so does every run)",
+    )  # fmt: skip
 
     system = parser.add_argument_group("system")
     system.add_argument("--device", choices=DEVICES, default=d["device"], help="auto picks CUDA when present")

@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from finetune import data_report
 from finetune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, label_names_of, read_run_config
 from finetune.safe_text import escape_markdown, markdown_code
 
@@ -80,6 +81,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         _overview(config, name),
         _results(config, report, run_dir),
         _classes(config, report),
+        data_report.card_section(run_dir),
         _usage(repo_id, run_dir),
         _training(studio, history),
         LIMITATIONS,
