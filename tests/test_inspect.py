@@ -279,3 +279,14 @@ def test_exclusion_list_reads_json_and_text(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("# comment\ntrain/a/2.png\t# label issue\n\n")
     assert read_exclusions(tmp_path / "r.json") == {"train/a/1.png"}
     assert read_exclusions(tmp_path / "l.txt") == {"train/a/2.png"}
+
+
+def test_train_tab_panel_shows_counts_findings_and_top_losses(trained: tuple[Path, set]) -> None:
+    from demo.data_check_view import render_data_check
+
+    out, _ = trained
+    html = render_data_check(out)
+    assert "Data check of 53 images" in html and "Top losses" in html
+    assert html.count("data:image/png;base64,") >= 2 and "<img src=x" not in html
+    assert str(out) not in html  # no server path reaches the browser
+    assert render_data_check(out.parent / "no-such-run") == ""
