@@ -290,3 +290,15 @@ def test_train_tab_panel_shows_counts_findings_and_top_losses(trained: tuple[Pat
     assert html.count("data:image/png;base64,") >= 2 and "<img src=x" not in html
     assert str(out) not in html  # no server path reaches the browser
     assert render_data_check(out.parent / "no-such-run") == ""
+
+
+def test_inspect_with_a_checkpoint_uses_its_split_and_adds_its_top_losses(
+    planted: Path, trained: tuple[Path, set], tmp_path: Path
+) -> None:
+    out, excluded = trained
+    assert inspect_main([str(planted), "--checkpoint", str(out), "--out", str(tmp_path), "--quiet"]) == 0
+    report = json.loads((tmp_path / REPORT_JSON).read_text())
+    assert report["model"] == TINY_MODEL and report["image_size"] == 32
+    assert report["num_files"] == 53  # the run's recorded split, without the files it left out
+    assert report["after_training"]["num_images"] == 14
+    assert (tmp_path / "top_losses.png").is_file() == bool(report["after_training"]["top_losses"])
