@@ -43,10 +43,10 @@ TITLES = {
 MEANINGS = {
     "exact_duplicate": "The same bytes more than once. Across train and val/test (leakage) they inflate the "
     "validation score; under two classes (conflict) one label is wrong.",
-    "near_duplicate": "Resized, re-encoded or lightly edited copies, found by the similarity of the "
-    "backbone's features; leakage and conflicts as above.",
-    "label_issue": "Images whose class disagrees with what a probe that never saw them predicts, ranked by "
-    "cleanlab's confident learning; the suggested class is the probe's.",
+    "near_duplicate": "Resized or re-encoded copies: neighbours in the backbone's feature space whose "
+    "decoded pixels match; leakage and conflicts as above.",
+    "label_issue": "Images whose class disagrees with what models that never saw them predict (a k-fold "
+    "probe and a k-NN vote), ranked by cleanlab's confident learning; the suggested class is theirs.",
     "outlier": "Images far from every class in feature space: screenshots, blank frames, another subject.",
     "tiny_image": "Images much smaller than the rest: upscaling cannot add the detail they lack.",
     "extreme_aspect": "Very wide or tall images: the centre crop drops most of them.",
