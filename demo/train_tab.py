@@ -21,6 +21,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from demo.data_check_view import render_data_check
 from demo.lanes import NOBODY
 from demo.model_picker import menu_update, owner_of
 from demo.service import InferenceService
@@ -158,7 +159,7 @@ def poll(
             manager.check_owner(run_id, owner)
         status = manager.status(run_id)
     except StudioError:  # no run yet, or one this server no longer knows (restarted): nothing to follow
-        return gr.skip(), gr.skip(), gr.skip(), shown_epochs, gr.Timer(active=False)
+        return gr.skip(), gr.skip(), gr.skip(), shown_epochs, gr.Timer(active=False), gr.skip()
     epochs = len(status.history)
     is_new = epochs != shown_epochs
     return (
@@ -167,6 +168,7 @@ def poll(
         curves_image(status) if is_new else gr.skip(),
         epochs,
         gr.Timer(active=not status.is_finished),
+        render_data_check(status.run_dir) if is_new else gr.skip(),  # the checks end with the probe
     )
 
 
@@ -231,14 +233,15 @@ def finish(
     """After the run: final progress, table and curves, the result note, the run zip (only to the run's
     owner, also when called by its private event's index), the Model menu with the session's `model`."""
     if not run_id:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     with user_errors():
         manager.check_owner(run_id, owner_of(service, request))
         menu = menu_update(service, model, request)
         try:
             status = manager.status(run_id)
         except StudioError:  # a run from before a restart: its folder is all there is
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _zip_for_download(manager, run_id), menu
+            zipped = _zip_for_download(manager, run_id)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), zipped, menu, gr.skip()
     download = _zip_for_download(manager, run_id) if status.has_model else None
     return (
         render_progress(status),
@@ -247,6 +250,7 @@ def finish(
         result_note(status, metrics or {}),
         download,
         menu,
+        render_data_check(status.run_dir),  # findings and the top-losses gallery
     )
 
 
@@ -334,6 +338,7 @@ def build(
                 cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
         with gr.Column(scale=2):
             progress = gr.HTML(elem_id="train-progress")
+            data_check = gr.HTML(elem_id="train-data-check")
             table = gr.Dataframe(
                 headers=EPOCH_COLUMNS,
                 label="Epochs (0 = linear probe)",
@@ -392,14 +397,14 @@ def build(
     ).then(
         on_finish,
         inputs=[run_id, metrics, model_state],
-        outputs=[progress, table, curves, note, download, model_menu],
+        outputs=[progress, table, curves, note, download, model_menu, data_check],
         api_visibility="private",
     )
     run_id.change(_start_polling, run_id, [timer, shown_epochs], api_visibility="private", queue=False)
     timer.tick(
         on_poll,
         inputs=[run_id, shown_epochs],
-        outputs=[progress, table, curves, shown_epochs, timer],
+        outputs=[progress, table, curves, shown_epochs, timer, data_check],
         api_visibility="private",
         queue=False,
         show_progress="hidden",

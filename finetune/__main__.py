@@ -125,6 +125,11 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="largest decoded-image cache; a larger dataset is decoded batch by batch from its files "
         "by worker processes (0 = 90%% of the free disk)",
     )  # fmt: skip
+    data.add_argument(
+        "--exclude-issues", type=Path, metavar="FILE",
+        help="leave out the files a data report flagged: its data_report.json, or data_issues.txt after "
+        "deleting the lines you disagree with (python -m finetune.inspect writes both; so does every run)",
+    )  # fmt: skip
 
     system = parser.add_argument_group("system")
     system.add_argument("--device", choices=DEVICES, default=d["device"], help="auto picks CUDA when present")

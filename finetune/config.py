@@ -56,11 +56,13 @@ class TrainConfig:
     cache_dir: Path | None = None  # where decoded images are cached; default RUN_DIR/.cache
     cache_max_gb: float = 0.0  # larger decoded sets stream from the files instead; 0 = the free disk
     quiet: bool = False  # no progress bars
+    exclude_issues: Path | None = None  # data_report.json or data_issues.txt: files left out of training
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.out = Path(self.out)
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
+        self.exclude_issues = Path(self.exclude_issues) if self.exclude_issues else None
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("balance", self.balance, BALANCE_MODES)
         _choice("device", self.device, DEVICES)

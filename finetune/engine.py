@@ -52,6 +52,7 @@ class EvalResult:
     count: int
     predictions: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # this process's rows, with `predictions` (top losses need them)
 
 
 @dataclass
@@ -337,6 +338,7 @@ def evaluate(
         count=int(seen),
         predictions=local.predictions,
         targets=local.targets,
+        logits=logits if keep_predictions else None,
     )
 
 

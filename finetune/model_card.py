@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from finetune import data_report
 from finetune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, label_names_of, read_run_config
 from finetune.safe_text import escape_markdown, markdown_code
 from finetune.trust import card_section as trust_card_section
@@ -82,6 +83,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         _results(config, report, run_dir),
         trust_card_section(config, (run_dir / "reliability.png").is_file()),
         _classes(config, report),
+        data_report.card_section(run_dir),
         _usage(repo_id, run_dir),
         _training(studio, history),
         LIMITATIONS,

@@ -52,6 +52,7 @@ from finetune.engine import (
     train_one_epoch,
 )
 from finetune.errors import ConfigError, DatasetError, StoppedError
+from finetune.inspect import add_top_losses, apply_exclusions, check_run_data
 from finetune.model_card import write_model_card
 from finetune.modeling import (
     create_model_and_transforms,
@@ -281,6 +282,8 @@ def _dataset_split(config: TrainConfig, dist: DistContext, resume: bool) -> Data
             "matches the first one if no file was added, removed or renamed since.", config.out, SPLIT_FILE,
         )  # fmt: skip
     split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
+    if config.exclude_issues is not None:  # files a data report flagged, left out on purpose
+        split = apply_exclusions(split, config.data_dir, config.exclude_issues)
     if dist.is_main and not resume:
         write_split(config.out, record_split(split, config.data_dir, config.workers or None))
     return split
@@ -363,6 +366,14 @@ def _linear_probe(run: _Run) -> bool:
     val_features = extract_features(
         run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist
     )
+    if run.dist.is_main:  # the data checks (finetune/inspect.py) reuse these features: seconds, not a pass
+        caches = {"train": run.train, "val": run.val, **({"test": run.test} if run.test is not None else {})}
+        features = {"train": train_features, "val": val_features}
+        summary = check_run_data(
+            run.run_dir, run.config.data_dir, run.labels, caches, features, run.config.model,
+            run.studio["dataset"]["image_size"], run.config.seed,
+        )  # fmt: skip
+        run.emit(TrainEvent("status", phase="inspect", message=summary))
     if run.dist.any_true(run.should_stop()):
         return True
     sample_weights = run.sample_weights
@@ -758,6 +769,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
             result.targets.tolist(), result.predictions.tolist(), len(run.labels)
         )
         report = reports.write_reports(run.run_dir, matrix, run.labels)
+        add_top_losses(run.run_dir, run.config.data_dir, run.val, result.logits, run.labels)
         studio["metrics"].update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
         studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
         if run.test is not None and len(run.test):
