@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,21 +177,36 @@ def test_live_answers_frame_after_frame_by_api_and_by_the_page_stream(served, fr
     for path in frames["coffee"][:4]:
         answer = client.predict(handle_file(path), api_name="/live")
         assert len(answer["confidences"]) == 5 and answer["label"]
-    answers = stream_frames(url, [frames["coffee"][0], frames["cat"][0], frames["coffee"][1]])
-    assert len(answers) >= 2  # frames sent while one is answered may be skipped, never queued
+    payloads = [_data_url(path) for path in (frames["coffee"][0], frames["cat"][0], frames["coffee"][1])]
+    answers, last = stream_frames(url, payloads)
+    assert len(answers) >= 2 and last["success"]  # frames sent while one is answered may be skipped
     assert all(len(answer["confidences"]) == 5 for answer in answers)
 
 
-def stream_frames(url: str, paths: list[Path]) -> list[dict]:
+@pytest.mark.app
+@pytest.mark.parametrize("key", ["path", "url"])
+def test_a_streamed_frame_naming_a_server_file_ends_the_stream_unread(served, frames, key: str) -> None:
+    """Frames posted to the stream route skip the queue's admission: the handler checks each one."""
+    url, _ = served
+    secret = {key: str(Path(__file__).resolve()), "meta": {"_type": "gradio.FileData"}}
+    answers, last = stream_frames(url, [_data_url(frames["cat"][0]), secret])
+    assert len(answers) == 1 and not last["success"]
+    assert "test_teach" not in json.dumps(last)
+    if key == "url":  # Gradio passes it on; the app's own check refuses it (a path Gradio refuses itself)
+        assert "only reads files uploaded to it" in last["output"]["error"]
+
+
+def stream_frames(url: str, payloads: list) -> tuple[list[dict], dict]:
     """Drive the page's live webcam stream as the browser does: join with the first frame, post the next
-    ones to `/gradio_api/stream/<event_id>`, close it; returns the label of every streamed answer."""
+    ones to `/gradio_api/stream/<event_id>`, close it; returns every streamed label and the last message."""
     config = httpx.get(f"{url}config", timeout=30).json()
     camera = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "live-camera")
     fn_index = next(d["id"] for d in config["dependencies"] if d["targets"] == [[camera, "stream"]])
-    session = "teach-stream-test"
-    urls = [_data_url(path) for path in paths]
+    session = uuid.uuid4().hex
+    urls = payloads
     body = {"data": [urls[0], None, None], "fn_index": fn_index, "session_hash": session, "event_data": None}
     answers: list[dict] = []
+    message: dict = {}
     with httpx.Client(base_url=url, timeout=60) as http:
         event_id = http.post("/gradio_api/queue/join", json=body).json()["event_id"]
         with http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
@@ -209,7 +225,7 @@ def stream_frames(url: str, paths: list[Path]) -> list[dict]:
                         http.post(f"/gradio_api/stream/{event_id}/close")
                 if message.get("msg") == "process_completed":
                     break
-    return answers
+    return answers, message
 
 
 def _data_url(path: Path) -> dict:
