@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from demo.uploads import import_class_files
 from finetune.checkpoint import load_run
 from finetune.class_names import MAX_CLASS_NAME
 from finetune.errors import DatasetError
-from finetune.export import export_onnx, sample_images
+from finetune.export import load_onnx_classifier
 from finetune.images import UPLOAD_LIMITS, open_image
 from finetune.modeling import DEFAULT_MODEL
 from finetune.safe_text import escape_html, markdown_code
@@ -43,14 +44,15 @@ from finetune.safe_text import escape_html, markdown_code
 logger = logging.getLogger(__name__)
 
 MIN_IMAGES = 4  # per class: at least one validation image each, and a probe that means something
-BUDGET_S = (10, 120, 30)  # the time-budget slider: min, max, default (seconds)
+BUDGET_S = (10, 120, 20)  # the time-budget slider: min, max, default (seconds)
 SHOWN_THUMBNAILS = 24  # the gallery shows the newest images of the class being filled
 CAPTURE_STREAM_EVERY_S = 1.0 / CAPTURE_FPS
 CAPTURE_TIME_LIMIT_S = 300  # one camera stream; bursts are recorded while it runs
 PROGRESS_EVERY_S = 0.5  # the train event yields at most this often
 INTRO = (
     "Teach the model your own classes in a minute: **add a class**, then fill it with a burst from the "
-    "camera (start the camera, then press *Record*) or with uploaded images; at least "
+    "camera (start it with its *Record* button, then press *Capture burst*) or with uploaded images; "
+    "at least "
     f"{MIN_IMAGES} images per class, a few dozen are better. **Train** fits a probe in seconds (and a short "
     "fine-tune when the budget allows); the **live preview** below then classifies the camera image with it."
 )
@@ -143,15 +145,21 @@ def teach_train(
     yield run_id, render_progress(status), final_metrics(status, dataset)
 
 
-def export_run_onnx(manager: TrainingManager, run_id: Any, owner: str) -> str:
-    """`<run id>.onnx` of one of `owner`'s runs (checked against PyTorch), where Gradio may serve it from."""
+def export_run_onnx(manager: TrainingManager, service: InferenceService, run_id: Any, owner: str) -> str:
+    """`<run id>.onnx` of one of `owner`'s runs (checked against PyTorch), where Gradio may serve it from.
+
+    The serving upgrade may be exporting the same run right now: waiting for it means one export, never two
+    at once (`torch.export` is not thread-safe), and usually none here at all.
+    """
     with user_errors():
         run_id = check_text("the run id", run_id, 200).strip()
         manager.check_owner(run_id, owner)
         zip_path = Path(_zip_for_download(manager, run_id))  # also refuses a run still training
         target = zip_path.with_suffix(".onnx")
         if not target.is_file():
-            export_onnx(load_run(manager.runs_dir / run_id), target, sample_images())
+            with service.export_lock:  # after the serving upgrade's export, which this then reuses
+                exported = load_onnx_classifier(load_run(manager.runs_dir / run_id)).onnx_path
+            shutil.copyfile(exported, target)
     return str(target)
 
 
@@ -194,7 +202,7 @@ def build(
             )
             counts = gr.JSON(label="Images per class", elem_id="teach-counts")
             camera = gr.Image(
-                label="Camera (start it, then press Record)",
+                label="Camera (press its Record button, then Capture burst)",
                 sources=["webcam"],
                 streaming=True,
                 type="filepath",
@@ -205,7 +213,7 @@ def build(
                 seconds = gr.Slider(
                     1, MAX_CAPTURE_S, value=3, step=1, label="Burst (s)", elem_id="teach-seconds"
                 )
-                record = gr.Button("Record", variant="primary", elem_id="teach-record", scale=0)
+                record = gr.Button("Capture burst", variant="primary", elem_id="teach-record", scale=0)
             recording = gr.Markdown(elem_id="teach-recording")
             files = gr.File(
                 label="…or add images to this class",
@@ -298,7 +306,7 @@ def build(
         return menu_update(service, chosen_model, request), zipped, publish_command(run)
 
     def on_export(run: str, request: gr.Request) -> str:
-        return export_run_onnx(manager, run, owner_of(service, request))
+        return export_run_onnx(manager, service, run, owner_of(service, request))
 
     def on_unload(request: gr.Request) -> None:
         store.drop(request.session_hash)

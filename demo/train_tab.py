@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def serve_trained_runs(manager: TrainingManager, service: InferenceService) -> N
 
     def add(run_id: str, run_dir: Path) -> None:
         service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)  # before it is served
-        service.add_run(run_id, load_run(run_dir), make_default=False)
+        # A new run answers on PyTorch at once; its ONNX export (if the runtime wants one) follows
+        service.add_run(run_id, load_run(run_dir), make_default=False, runtime="torch")
+        threading.Thread(target=service.upgrade_runtime, args=(run_id,), daemon=True).start()
 
     manager.on_model_ready = add
     manager.on_run_removed = service.remove_run

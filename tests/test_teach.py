@@ -30,6 +30,7 @@ from demo.service import InferenceService
 from demo.teach import MAX_IMAGES_PER_CLASS, TeachSession, TeachStore
 from demo.train_tab import serve_trained_runs
 from demo.training_jobs import TrainingManager
+from finetune.checkpoint import load_run
 from finetune.errors import ConfigError, DatasetError
 
 TINY_TRAIN = {"img_size": 64, "batch_size": 8, "probe_epochs": 20, "workers": 1}
@@ -93,6 +94,25 @@ def test_a_class_holds_at_most_its_cap(tmp_path: Path) -> None:
         session.add_image("cat", tiny)
     with pytest.raises(DatasetError, match=f"already has {MAX_IMAGES_PER_CLASS} images"):
         session.add_image("cat", tiny)
+
+
+def test_a_new_run_answers_on_pytorch_until_its_onnx_classifier_is_swapped_in(
+    untrained_run_dir: Path, tmp_path: Path
+) -> None:
+    service = InferenceService(runtime="onnx")
+    try:
+        run = load_run(untrained_run_dir)
+        service.add_run("new", run, runtime="torch")
+        assert service.info("new").runtime == "torch"
+        service.upgrade_runtime("new")
+        assert service.info("new").runtime.startswith("onnx")
+        assert service.predict_topk(frame(), 3, model="new").labels[0] in run.labels
+        service.add_run("gone", run, runtime="torch")
+        service.remove_run("gone")
+        service.upgrade_runtime("gone")  # pruned meanwhile: not served again
+        assert "gone" not in service.available_models()
+    finally:
+        service.close()
 
 
 @pytest.fixture(scope="module")
