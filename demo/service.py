@@ -147,9 +147,9 @@ class InferenceService:
         logger.info("Serving %s (%s, %d classes).", name, run.architecture, len(run.labels))
 
     def upgrade_runtime(self, name: str) -> None:
-        """Rebuild `name`'s classifier on the service's runtime (a new run answers on PyTorch at once while
-        its ONNX export, up to half a minute, runs here); swapped in only if the same run is still served.
-        Holds `export_lock`: one export at a time; a second call waits for the first."""
+        """Rebuild `name`'s classifier on the service's runtime, swapped in only if the same run is still
+        served: a new run answers on PyTorch at once, and `demo.run_serving` calls this once its ONNX export
+        exists. Holds `export_lock` (an export in this process must not overlap another)."""
         with self.export_lock:
             with self._lock:
                 current = self._models.get(name)

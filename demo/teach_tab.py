@@ -27,16 +27,16 @@ import gradio as gr
 
 from demo import live
 from demo.model_picker import menu_update, owner_of
+from demo.run_serving import export_in_child
 from demo.service import InferenceService
 from demo.teach import CAPTURE_FPS, MAX_CAPTURE_S, MAX_IMAGES_PER_CLASS, TeachSession, TeachStore
 from demo.train_tab import DOWNLOAD_ROOT, _zip_for_download, final_metrics, render_progress
 from demo.training_jobs import FAILED, TrainingManager, TrainOptions
 from demo.ui import check_number, check_text, image_source, public_message, uploaded_paths, user_errors
 from demo.uploads import import_class_files
-from finetune.checkpoint import load_run
 from finetune.class_names import MAX_CLASS_NAME
-from finetune.errors import DatasetError
-from finetune.export import load_onnx_classifier
+from finetune.errors import CheckpointError, DatasetError
+from finetune.export import ONNX_FILE
 from finetune.images import UPLOAD_LIMITS, open_image
 from finetune.modeling import DEFAULT_MODEL
 from finetune.safe_text import escape_html, markdown_code
@@ -148,8 +148,8 @@ def teach_train(
 def export_run_onnx(manager: TrainingManager, service: InferenceService, run_id: Any, owner: str) -> str:
     """`<run id>.onnx` of one of `owner`'s runs (checked against PyTorch), where Gradio may serve it from.
 
-    The serving upgrade may be exporting the same run right now: waiting for it means one export, never two
-    at once (`torch.export` is not thread-safe), and usually none here at all.
+    The export runs in a child process (`demo.run_serving`): tracing in this one would break the PyTorch
+    forward passes of other requests. The serving export usually wrote the file already.
     """
     with user_errors():
         run_id = check_text("the run id", run_id, 200).strip()
@@ -157,8 +157,13 @@ def export_run_onnx(manager: TrainingManager, service: InferenceService, run_id:
         zip_path = Path(_zip_for_download(manager, run_id))  # also refuses a run still training
         target = zip_path.with_suffix(".onnx")
         if not target.is_file():
-            with service.export_lock:  # after the serving upgrade's export, which this then reuses
-                exported = load_onnx_classifier(load_run(manager.runs_dir / run_id)).onnx_path
+            run_dir = manager.runs_dir / run_id
+            with service.export_lock:  # after the serving export of `demo.run_serving`, which this reuses
+                exported = (
+                    run_dir / ONNX_FILE if (run_dir / ONNX_FILE).is_file() else export_in_child(run_dir)
+                )
+            if exported is None:
+                raise CheckpointError("this run could not be exported to ONNX; download the run instead.")
             shutil.copyfile(exported, target)
     return str(target)
 

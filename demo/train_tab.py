@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from PIL import Image
 
 from demo.lanes import NOBODY
 from demo.model_picker import menu_update, owner_of
+from demo.run_serving import serve_new_run
 from demo.service import InferenceService
 from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
 from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
@@ -61,11 +61,13 @@ def serve_trained_runs(manager: TrainingManager, service: InferenceService) -> N
 
     def add(run_id: str, run_dir: Path) -> None:
         service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)  # before it is served
-        # A new run answers on PyTorch at once; its ONNX export (if the runtime wants one) follows
-        service.add_run(run_id, load_run(run_dir), make_default=False, runtime="torch")
-        threading.Thread(target=service.upgrade_runtime, args=(run_id,), daemon=True).start()
+        service.add_run(run_id, load_run(run_dir), make_default=False)
 
-    manager.on_model_ready = add
+    def add_new(run_id: str, run_dir: Path) -> None:  # answers on PyTorch at once, ONNX follows
+        service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)
+        serve_new_run(service, run_id, run_dir)
+
+    manager.on_model_ready = add_new
     manager.on_run_removed = service.remove_run
     manager.runs_in_use = service.lanes.in_use
     for run_dir in manager.existing_runs():

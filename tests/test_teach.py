@@ -96,27 +96,22 @@ def test_a_class_holds_at_most_its_cap(tmp_path: Path) -> None:
         session.add_image("cat", tiny)
 
 
-def test_a_new_run_answers_on_pytorch_until_its_onnx_classifier_is_swapped_in(
-    untrained_run_dir: Path, tmp_path: Path
-) -> None:
+def test_a_pruned_run_is_not_served_again_by_a_late_runtime_upgrade(untrained_run_dir: Path) -> None:
     service = InferenceService(runtime="onnx")
     try:
-        run = load_run(untrained_run_dir)
-        service.add_run("new", run, runtime="torch")
-        assert service.info("new").runtime == "torch"
-        service.upgrade_runtime("new")
-        assert service.info("new").runtime.startswith("onnx")
-        assert service.predict_topk(frame(), 3, model="new").labels[0] in run.labels
-        service.add_run("gone", run, runtime="torch")
-        service.remove_run("gone")
-        service.upgrade_runtime("gone")  # pruned meanwhile: not served again
+        service.add_run("gone", load_run(untrained_run_dir), runtime="torch")
+        assert service.info("gone").runtime == "torch"
+        service.remove_run("gone")  # pruned while its export ran
+        service.upgrade_runtime("gone")
         assert "gone" not in service.available_models()
     finally:
         service.close()
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TrainingManager]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, TrainingManager, InferenceService]]:
     service = InferenceService.from_checkpoint(None)
     manager = TrainingManager(
         tmp_path_factory.mktemp("teach") / "studio-data", allow_test_models=True, train_overrides=TINY_TRAIN
@@ -125,7 +120,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Trai
     demo = app.build_app(service, trainer=manager)
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
-        yield demo.local_url, manager
+        yield demo.local_url, manager, service
     finally:
         demo.close()
         manager.close()
@@ -148,7 +143,7 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
 @pytest.fixture(scope="module")
 def taught(served, frames) -> tuple[Client, str, dict]:
     """One visitor who added two classes from uploads and trained: (their client, run id, final metrics)."""
-    url, _ = served
+    url, _, _ = served
     client = Client(url, verbose=False)
     for label, paths in frames.items():
         client.predict(label, api_name="/teach_add_class")
@@ -163,7 +158,7 @@ def taught(served, frames) -> tuple[Client, str, dict]:
 @pytest.mark.app
 def test_teach_api_trains_uploaded_frames_and_live_uses_the_new_model(taught, served, frames) -> None:
     client, run_id, metrics = taught
-    _, manager = served
+    _, manager, service = served
     assert metrics["state"] == "done" and metrics["classes"] == ["cat", "coffee"]
     assert 0.0 <= metrics["val_top1"] <= 1.0 and "val_top1" in manager.status(run_id).history[0]
     assert manager.owner_of(run_id) is not None  # the visitor's run, as Train-tab runs are
@@ -171,13 +166,22 @@ def test_teach_api_trains_uploaded_frames_and_live_uses_the_new_model(taught, se
     assert {entry["label"] for entry in answer["confidences"]} == {"cat", "coffee"}
     _, counts, _ = client.predict("cat", 1, api_name="/teach_delete_image")[1:]
     assert counts == {"cat": FRAMES_PER_CLASS - 1, "coffee": FRAMES_PER_CLASS}
-    onnx = client.predict(run_id, api_name="/teach_export_onnx")
+    onnx = client.predict(run_id, api_name="/teach_export_onnx")  # waits for the serving export
     assert Path(onnx).name == f"{run_id}.onnx" and Path(onnx).stat().st_size > 10_000
+    deadline = time.monotonic() + 60
+    while service.info(run_id).runtime == "torch" and time.monotonic() < deadline:
+        time.sleep(0.2)  # answered on PyTorch until the child process's export was swapped in
+    assert service.info(run_id).runtime.startswith("onnx")
+    onnx_answer = client.predict(handle_file(frames["cat"][0]), api_name="/live")
+    for ours, theirs in zip(onnx_answer["confidences"], answer["confidences"], strict=True):
+        assert ours["label"] == theirs["label"] and ours["confidence"] == pytest.approx(
+            theirs["confidence"], abs=1e-3
+        )
 
 
 @pytest.mark.app
 def test_another_session_sees_neither_the_classes_nor_the_run(taught, served, frames) -> None:
-    url, _ = served
+    url, _, _ = served
     _, run_id, _ = taught
     stranger = Client(url, verbose=False)
     with pytest.raises(AppError, match="no class 'cat'"):
@@ -192,7 +196,7 @@ def test_another_session_sees_neither_the_classes_nor_the_run(taught, served, fr
 
 @pytest.mark.app
 def test_live_answers_frame_after_frame_by_api_and_by_the_page_stream(served, frames) -> None:
-    url, _ = served
+    url, _, _ = served
     client = Client(url, verbose=False)
     for path in frames["coffee"][:4]:
         answer = client.predict(handle_file(path), api_name="/live")
@@ -207,7 +211,7 @@ def test_live_answers_frame_after_frame_by_api_and_by_the_page_stream(served, fr
 @pytest.mark.parametrize("key", ["path", "url"])
 def test_a_streamed_frame_naming_a_server_file_ends_the_stream_unread(served, frames, key: str) -> None:
     """Frames posted to the stream route skip the queue's admission: the handler checks each one."""
-    url, _ = served
+    url, _, _ = served
     secret = {key: str(Path(__file__).resolve()), "meta": {"_type": "gradio.FileData"}}
     answers, last = stream_frames(url, [_data_url(frames["cat"][0]), secret])
     assert len(answers) == 1 and not last["success"]
