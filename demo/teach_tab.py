@@ -195,7 +195,7 @@ def build(
     model_state: gr.State,
 ) -> Callable[[gr.Request], None]:
     """Create the tab and wire its events; returns the page-unload handler that drops the session."""
-    store = TeachStore(DOWNLOAD_ROOT.parent / "image-recognition-studio-teach" / _data_key(manager))
+    store = TeachStore(store_root(manager))
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -352,6 +352,8 @@ def build(
     return on_unload
 
 
-def _data_key(manager: TrainingManager) -> str:
-    """One folder per data folder, as the run downloads have (two servers on one machine stay apart)."""
-    return hashlib.sha256(str(manager.runs_dir.resolve()).encode()).hexdigest()[:16]
+def store_root(manager: TrainingManager) -> Path:
+    """Where the Teach sessions of this data folder keep their images: under the temp folder (Gradio serves
+    the thumbnails from there), one folder per data folder, as the run downloads have."""
+    data_key = hashlib.sha256(str(manager.runs_dir.resolve()).encode()).hexdigest()[:16]
+    return DOWNLOAD_ROOT.parent / "image-recognition-studio-teach" / data_key

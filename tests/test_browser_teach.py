@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from test_browser import TIMEOUT_MS, VIEWPORT, browser, screenshot  # noqa: F401
 
 import app
 from demo.service import InferenceService
+from demo.teach_tab import store_root
 from demo.train_tab import serve_trained_runs
 from demo.training_jobs import TrainingManager
 
@@ -27,14 +29,14 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TrainingManager]]:
     service = InferenceService.from_checkpoint(None)
     manager = TrainingManager(tmp_path_factory.mktemp("teach-browser") / "studio-data")
     serve_trained_runs(manager, service)
     demo = app.build_app(service, trainer=manager)
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
-        yield demo.local_url
+        yield demo.local_url, manager
     finally:
         demo.close()
         manager.close()
@@ -77,9 +79,11 @@ def capture_burst(page, name: str) -> None:
 
 def test_teach_two_classes_from_the_fake_camera_train_and_see_the_live_preview_update(
     browser,  # noqa: F811 (the imported fixture)
-    url: str,
+    served: tuple[str, TrainingManager],
 ) -> None:
     from playwright.sync_api import expect
+
+    url, manager = served
 
     expect.set_options(timeout=TIMEOUT_MS)
     context = browser.new_context(viewport={**VIEWPORT, "height": 2200}, permissions=["camera"])
@@ -94,6 +98,8 @@ def test_teach_two_classes_from_the_fake_camera_train_and_see_the_live_preview_u
         start_camera(page, "teach-camera")
         capture_burst(page, "thumbs up")
         capture_burst(page, "open hand")
+        page.locator("#teach-camera").get_by_label("capture photo").click()  # stop the capture stream
+        expect(page.locator("#teach-camera")).to_contain_text("Record")
         captured = counts(page)
         assert set(captured) == {"thumbs up", "open hand"}
         assert all(5 <= n <= 3 * 5 + 1 for n in captured.values()), captured  # 3 s, at most 5 frames/s
@@ -123,3 +129,9 @@ def test_teach_two_classes_from_the_fake_camera_train_and_see_the_live_preview_u
         print(json.dumps({"captured": captured, "rate": page.locator("#live-rate").inner_text()}))
     finally:
         context.close()
+    sessions = store_root(manager)
+    for _ in range(60):  # the page closed: Gradio's unload (heartbeat gone) drops the session's images
+        if not any(sessions.iterdir()):
+            break
+        time.sleep(1)
+    assert not any(sessions.iterdir())
