@@ -29,7 +29,14 @@ from demo import live
 from demo.model_picker import menu_update, owner_of
 from demo.run_serving import export_in_child
 from demo.service import InferenceService
-from demo.teach import CAPTURE_FPS, MAX_CAPTURE_S, MAX_IMAGES_PER_CLASS, TeachSession, TeachStore
+from demo.teach import (
+    CAPTURE_FPS,
+    FRAME_SIDE,
+    MAX_CAPTURE_S,
+    MAX_IMAGES_PER_CLASS,
+    TeachSession,
+    TeachStore,
+)
 from demo.train_tab import DOWNLOAD_ROOT, _zip_for_download, final_metrics, render_progress
 from demo.training_jobs import FAILED, TrainingManager, TrainOptions
 from demo.ui import check_number, check_text, image_source, public_message, uploaded_paths, user_errors
@@ -39,7 +46,7 @@ from finetune.errors import CheckpointError, DatasetError
 from finetune.export import ONNX_FILE
 from finetune.images import UPLOAD_LIMITS, open_image
 from finetune.modeling import DEFAULT_MODEL
-from finetune.safe_text import escape_html, markdown_code
+from finetune.safe_text import escape_html, escape_markdown, markdown_code
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ BUDGET_S = (10, 120, 20)  # the time-budget slider: min, max, default (seconds)
 SHOWN_THUMBNAILS = 24  # the gallery shows the newest images of the class being filled
 CAPTURE_STREAM_EVERY_S = 1.0 / CAPTURE_FPS
 CAPTURE_TIME_LIMIT_S = 300  # one camera stream; bursts are recorded while it runs
+DRAFT = (FRAME_SIDE, FRAME_SIDE)  # large JPEGs decode at a fraction of their size: frames are stored this big
 PROGRESS_EVERY_S = 0.5  # the train event yields at most this often
 INTRO = (
     "Teach the model your own classes in a minute: **add a class**, then fill it with a burst from the "
@@ -70,11 +78,14 @@ def add_images(session: TeachSession, name: Any, files: Any) -> int:
         name = check_text("the class", name, MAX_CLASS_NAME)
         paths = uploaded_paths(files)
         room = MAX_IMAGES_PER_CLASS - session.counts().get(name, 0)
-        if len(paths) > max(room, 0):
-            raise DatasetError(f"{len(paths)} images sent; class room left for {max(room, 0)}.")
         session.images(name)  # an unknown class is refused before any decoding
+        if len(paths) > max(room, 0):
+            raise DatasetError(
+                f"{len(paths)} images sent; this class has room for {max(room, 0)} more "
+                f"(at most {MAX_IMAGES_PER_CLASS} a class)."
+            )
         for path in paths:
-            session.add_image(name, open_image(path, limits=UPLOAD_LIMITS))
+            session.add_image(name, open_image(path, DRAFT, limits=UPLOAD_LIMITS, name=path.name))
     return len(paths)
 
 
@@ -97,7 +108,7 @@ def start_capture(session: TeachSession, name: Any, seconds: Any) -> str:
         name = check_text("the class", name, MAX_CLASS_NAME)
         seconds = check_number("the burst length (seconds)", seconds, 1, MAX_CAPTURE_S)
         session.start_capture(name, seconds)
-    return f"Recording {seconds:g} s into **{escape_html(name)}** ({CAPTURE_FPS:g} frames/s)."
+    return f"Recording {seconds:g} s into **{escape_markdown(name)}** ({CAPTURE_FPS:g} frames/s)."
 
 
 def capture_frame(session: TeachSession, frame: Any) -> bool:
@@ -106,7 +117,7 @@ def capture_frame(session: TeachSession, frame: Any) -> bool:
         return False
     with user_errors():
         source, _ = image_source(frame)
-        return session.capture(open_image(source, limits=UPLOAD_LIMITS))
+        return session.capture(open_image(source, DRAFT, limits=UPLOAD_LIMITS))
 
 
 def teach_train(
