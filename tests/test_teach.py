@@ -26,6 +26,7 @@ from PIL import Image
 from train_data import augmented_crops
 
 import app
+from demo.admission import AdmissionLimits, check_inputs
 from demo.service import InferenceService
 from demo.teach import MAX_IMAGES_PER_CLASS, TeachSession, TeachStore
 from demo.train_tab import serve_trained_runs
@@ -94,6 +95,13 @@ def test_a_class_holds_at_most_its_cap(tmp_path: Path) -> None:
         session.add_image("cat", tiny)
     with pytest.raises(DatasetError, match=f"already has {MAX_IMAGES_PER_CLASS} images"):
         session.add_image("cat", tiny)
+
+
+def test_admission_refuses_a_live_call_without_a_frame_and_caps_teach_uploads() -> None:
+    assert "no image" in (check_inputs("live", [None, None])[1] or "")
+    assert "takes an uploaded file" in (check_inputs("live", [[1], None])[1] or "")
+    waiting = AdmissionLimits().waiting
+    assert waiting["teach_add_images"] >= 1 and waiting["teach_export_onnx"] >= 1
 
 
 def test_a_pruned_run_is_not_served_again_by_a_late_runtime_upgrade(untrained_run_dir: Path) -> None:
