@@ -18,7 +18,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from demo import batch_tab, classify_tab, detect_tab, explain_tab, model_picker, segment_tab, train_tab
+from demo import (
+    batch_tab,
+    classify_tab,
+    detect_tab,
+    explain_tab,
+    model_picker,
+    segment_tab,
+    teach_tab,
+    train_tab,
+)
 from demo.admission import install_admission
 from demo.disk_limits import start_sweeper
 from demo.model_picker import ModelView
@@ -69,6 +78,8 @@ def build_app(
         if trainer is not None:
             with gr.Tab("Train"):
                 train_tab.build(service, trainer, model_menu, model_state)
+            with gr.Tab("Teach"):  # capture classes from the webcam, train in seconds, live preview
+                demo.unload(teach_tab.build(service, trainer, model_menu, model_state))
         if vision is not None and vision.is_enabled:
             for title, build_vision in VISION_TABS:
                 with gr.Tab(title):

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 10_000  # a text input longer than this is not a class name or a number typed in the UI
 MAX_INLINE_IMAGE_CHARS = 28 * 1024 * 1024  # base64 of a 20 MB image (app.py MAX_FILE_SIZE)
 SESSION_ENV = "STUDIO_SESSION_REQUESTS"
-IMAGE_ENDPOINTS = frozenset({"classify", "explain", "detect", "segment"})  # their first input is the image
+IMAGE_ENDPOINTS = frozenset({"classify", "explain", "detect", "segment", "live"})  # first input: the image
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,14 @@ class AdmissionLimits:
 
     per_session: int = 4  # queued + running requests of one browser session
     waiting: dict[str, int] = field(  # waiting (not yet running) requests per expensive endpoint
-        default_factory=lambda: {"explain": 8, "batch": 4, "detect": 8, "segment": 8}
+        default_factory=lambda: {
+            "explain": 8,
+            "batch": 4,
+            "detect": 8,
+            "segment": 8,
+            "teach_add_images": 8,  # decodes up to a class's worth of uploads
+            "teach_export_onnx": 2,  # an ONNX export takes seconds of a core
+        }
     )
     exempt: frozenset[str] = frozenset({"cancel_training"})  # must get through even with a full session
 

@@ -121,6 +121,7 @@ class InferenceService:
         self._models: dict[str, _Model] = {}
         self._default: str | None = None  # the operator's model, for requests that name none
         self._lock = threading.Lock()
+        self.export_lock = threading.Lock()  # held while a model is exported (torch.export: one at a time)
         self.lanes = Lanes()  # owners of trained runs and each session's model in use
 
     @classmethod
@@ -141,10 +142,13 @@ class InferenceService:
             service.add_run(DEFAULT_NAME, load_default_run())
         return service
 
-    def add_run(self, name: str, run: LoadedRun, make_default: bool = True) -> None:
+    def add_run(
+        self, name: str, run: LoadedRun, make_default: bool = True, runtime: str | None = None
+    ) -> None:
         """Serve `run` under `name` (replacing a run of that name); the default model when told (or the
-        first one). Trained runs are added with `make_default=False`, owned in `self.lanes`."""
-        model = _Model(name, run, self.runtime, self.max_batch_size, self.reject)
+        first one). Trained runs are added with `make_default=False`, owned in `self.lanes`. `runtime`
+        overrides the service's for now (see `upgrade_runtime`)."""
+        model = _Model(name, run, runtime or self.runtime, self.max_batch_size, self.reject)
         with self._lock:
             old = self._models.pop(name, None)
             self._models[name] = model
@@ -153,6 +157,22 @@ class InferenceService:
         if old is not None:
             old.batcher.close()
         logger.info("Serving %s (%s, %d classes).", name, run.architecture, len(run.labels))
+
+    def upgrade_runtime(self, name: str) -> None:
+        """Rebuild `name`'s classifier on the service's runtime, swapped in only if the same run is still
+        served: a new run answers on PyTorch at once, and `demo.run_serving` calls this once its ONNX export
+        exists. Holds `export_lock` (an export in this process must not overlap another)."""
+        with self.export_lock:
+            with self._lock:
+                current = self._models.get(name)
+            if current is None or current.runtime == self.runtime:
+                return
+            model = _Model(name, current.run, self.runtime, self.max_batch_size, self.reject)
+            with self._lock:
+                is_current = self._models.get(name) is current
+                if is_current:
+                    self._models[name] = model
+            (current if is_current else model).batcher.close()
 
     def remove_run(self, name: str) -> None:
         """Stop serving `name` (its run folder was pruned); if it was the default, the first model left is."""

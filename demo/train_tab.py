@@ -24,6 +24,7 @@ from PIL import Image
 from demo.data_check_view import render_data_check
 from demo.lanes import NOBODY
 from demo.model_picker import menu_update, owner_of
+from demo.run_serving import serve_new_run
 from demo.service import InferenceService
 from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
 from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
@@ -63,7 +64,11 @@ def serve_trained_runs(manager: TrainingManager, service: InferenceService) -> N
         service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)  # before it is served
         service.add_run(run_id, load_run(run_dir), make_default=False)
 
-    manager.on_model_ready = add
+    def add_new(run_id: str, run_dir: Path) -> None:  # answers on PyTorch at once, ONNX follows
+        service.lanes.claim(run_id, manager.owner_of(run_id) or NOBODY)
+        serve_new_run(service, run_id, run_dir)
+
+    manager.on_model_ready = add_new
     manager.on_run_removed = service.remove_run
     manager.runs_in_use = service.lanes.in_use
     for run_dir in manager.existing_runs():

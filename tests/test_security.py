@@ -132,6 +132,8 @@ def endpoint_data(endpoint: str, payload: Any) -> tuple[str, list[Any]]:
         "segment": ("segment", [payload, 0.0]),
         "batch": ("batch", [[payload]]),
         "train_zip": ("train", [payload, TINY_MODEL, "auto", 1, 5]),
+        "live": ("live", [payload]),
+        "teach_images": ("teach_add_images", ["cat", [payload]]),
     }[endpoint]
 
 
@@ -139,7 +141,9 @@ def data_url(image_bytes: bytes) -> dict[str, Any]:
     return {"url": "data:image/png;base64," + base64.b64encode(image_bytes).decode(), "meta": FILE_DATA}
 
 
-@pytest.mark.parametrize("endpoint", ["classify", "explain", "detect", "segment", "batch", "train_zip"])
+@pytest.mark.parametrize(
+    "endpoint", ["classify", "explain", "detect", "segment", "batch", "train_zip", "live", "teach_images"]
+)
 def test_payloads_naming_server_files_are_refused_alike_and_return_nothing(
     server: dict[str, Any], secret: Path, endpoint: str
 ) -> None:
@@ -156,7 +160,7 @@ def test_payloads_naming_server_files_are_refused_alike_and_return_nothing(
         assert answers[0] == answers[1], f"{endpoint}/{kind}: existing and missing files answered differently"
         assert answers[0] in (NOT_AN_UPLOAD, None), f"{endpoint}/{kind}: {answers[0]}"
         ours += answers[0] == NOT_AN_UPLOAD
-    if endpoint in ("classify", "explain", "detect", "segment"):
+    if endpoint in ("classify", "explain", "detect", "segment", "live"):
         # url, path without meta, file-route urls, ../ and the symlink reach our check (Gradio passes them)
         assert ours >= 8, f"{endpoint}: only {ours} payloads got the app's message"
 
