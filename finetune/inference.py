@@ -26,6 +26,7 @@ from finetune.checkpoint import LoadedRun
 from finetune.errors import CheckpointError, ConfigError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
 from finetune.modeling import draft_size_for, split_eval_transform
+from finetune.multilabel import is_multilabel, sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Classifier:
         self._scale = 1.0 / (255.0 * std_array)
         self._shift = np.asarray(mean, np.float32).reshape(3, 1, 1) / std_array
         self._lock = threading.Lock()
+        self.is_multilabel = is_multilabel(run.config)  # independent sigmoid probabilities, not softmax
 
     def open(self, source: ImageSource) -> Image.Image:
         """Open an image for this classifier: large JPEGs decode at reduced size (see `draft_size_for`)."""
@@ -171,7 +173,8 @@ class Classifier:
         if count == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         batch = torch.cat([self.normalize(per_zoom) for per_zoom in views])
-        probs = softmax(self.predict_logits(batch))
+        logits = self.predict_logits(batch)
+        probs = sigmoid(logits) if self.is_multilabel else softmax(logits)
         return probs.reshape(len(views), count, -1).mean(axis=0)
 
     def predict(
