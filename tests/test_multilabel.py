@@ -235,6 +235,27 @@ def test_onnx_serves_the_same_independent_probabilities(trained):
     assert onnx.runtime == "onnx" and (copy / "model.onnx").is_file()
     assert np.abs(expected - actual).max() < 1e-4
     assert not np.allclose(expected.sum(axis=1), 1.0)  # independent sigmoids, not a softmax
+    thresholds = json.loads((copy / "config.json").read_text())["studio"]["multilabel"]["thresholds"]
+    assert json.loads(onnx.metadata["studio.multilabel_thresholds"]) == thresholds
+
+
+def test_timm_local_dir_and_the_card_carry_the_multilabel_head(trained):
+    import timm
+    import torch
+
+    from finetune.checkpoint import load_run
+    from finetune.inference import Classifier
+
+    csv_path, run_dir = trained
+    model = timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()
+    classifier = Classifier(load_run(run_dir))
+    image = Image.open(sorted((csv_path.parent / "images").glob("*.png"))[0]).convert("RGB")
+    with torch.no_grad():
+        probs = model(classifier.preprocess([image])).sigmoid().numpy()
+    assert np.abs(probs - classifier.predict_probs([image])).max() < 1e-5
+    card = (run_dir / "README.md").read_text()
+    assert "multi-label" in card and ".sigmoid()" in card and "| Threshold |" in card
+    assert "name: mAP" in card and "pr_curves.png" in card
 
 
 def test_a_single_label_run_still_answers_with_softmax(untrained_run_dir, photo_dir):
