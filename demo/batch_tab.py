@@ -19,6 +19,7 @@ from finetune.disk import prune_folder
 from finetune.safe_text import csv_safe_cell
 
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error"]
+MULTILABEL_COLUMN = "labels"
 TOP_K = 5
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-batch"
 KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied them into its cache by then)
@@ -35,11 +36,15 @@ def classify_files(
 
 
 def to_table(rows: list[BatchRow]) -> pd.DataFrame:
-    """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
-    return pd.DataFrame(
+    """Rows in `COLUMNS` order, for both the on-screen table and the CSV (a multi-label model adds
+    `labels`: every label above its threshold)."""
+    table = pd.DataFrame(
         [[row.file, row.top1, row.confidence, row.top_k, public_message(row.error)] for row in rows],
         columns=COLUMNS,
     )
+    if any(row.labels is not None for row in rows):
+        table[MULTILABEL_COLUMN] = [row.labels or "" for row in rows]
+    return table
 
 
 def write_csv(table: pd.DataFrame) -> str:

@@ -25,6 +25,7 @@ from PIL import Image
 from demo.batching import MicroBatcher
 from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_cam_model, view_scale
 from demo.lanes import Lanes
+from finetune import multilabel_io
 from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
 from finetune.file_predict import classify_files
@@ -55,6 +56,7 @@ class ModelInfo:
     source: str  # run folder (an hf-hub run's cache folder) or "embedded"
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: str = "torch"
+    is_multilabel: bool = False  # independent sigmoid probabilities, each against its own threshold
 
 
 @dataclass
@@ -79,6 +81,7 @@ class BatchRow:
     confidence: float | None = None
     top_k: str = ""
     error: str = ""
+    labels: str | None = None  # a multi-label model's labels above their thresholds ("; "-joined)
 
 
 class _Model:
@@ -188,6 +191,7 @@ class InferenceService:
             metrics=dict(studio.get("metrics") or {}),
             runtime=getattr(model.classifier, "runtime", None)
             or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
+            is_multilabel=model.classifier.is_multilabel,
         )
 
     def predict_topk(
@@ -201,6 +205,8 @@ class InferenceService:
         served = self._current(model)
         picture = self._open(served, image, name)
         probs = served.batcher.submit(picture)
+        if served.classifier.is_multilabel:  # every label above its threshold, whatever k
+            return multilabel_io.present(probs, served.run)
         return top_k(probs[None, :], served.run.labels, _check_k(k))[0]
 
     def explain(
@@ -253,6 +259,7 @@ class InferenceService:
             first.setdefault(key, path)
         unique = list(first)
         results: dict[str, Prediction | str] = {}  # a prediction, or the reason the file is unusable
+        present: dict[str, list[str]] = {}  # a multi-label model's labels above their thresholds
 
         def opener(key: str) -> Image.Image:  # upload limits and the run's draft size, decoded on all cores
             return self._open(model, first[key], first[key].name)
@@ -263,6 +270,8 @@ class InferenceService:
                     results[outcome.item] = outcome.error or "unreadable"
                 else:
                     results[outcome.item] = top_k(outcome.probs[None], model.run.labels, k)[0]
+                    if model.classifier.is_multilabel:
+                        present[outcome.item] = multilabel_io.present(outcome.probs, model.run).labels
         rows = []
         for key, path in zip(keys, paths, strict=True):
             result = results[key]
@@ -275,6 +284,7 @@ class InferenceService:
                     top1=result.label,
                     confidence=round(result.prob, 4),
                     top_k=", ".join(f"{label} ({prob:.1%})" for label, prob in result.as_dict().items()),
+                    labels="; ".join(present[key]) if key in present else None,
                 )
             )
         return rows

@@ -71,6 +71,12 @@ def is_labels_csv(path: Path | str) -> bool:
     return path.suffix.lower() == ".csv" and not path.is_dir()
 
 
+def labels_source(folder: Path) -> Path:
+    """What to train on for an uploaded dataset folder: its labels.csv when it has one, else the folder."""
+    csv_path = Path(folder) / CSV_FILE
+    return csv_path if csv_path.is_file() else Path(folder)
+
+
 def split_labels(cell: str) -> list[str]:
     """The label names of one `labels` cell, split on spaces and semicolons, in order, without repeats."""
     return list(dict.fromkeys(part for part in _SEPARATORS.split(cell.strip()) if part))

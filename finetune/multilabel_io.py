@@ -117,3 +117,16 @@ def evaluate_csv(
         "subset": subset,  # "csv" (every row) or the run's recorded "val" split
     }
     return metrics, targets, probs, run
+
+
+def present(probs: np.ndarray, run: LoadedRun) -> Any:
+    """The labels one image shows (at or above their thresholds), most probable first, as a `Prediction`.
+
+    The app's Classify tab answers with it: a `{label: probability}` of independent probabilities, which
+    need not sum to 1 and may be empty (none of the labels).
+    """
+    from finetune.inference import Prediction
+
+    thresholds = thresholds_of(run.config, run.labels)
+    names = labels_above(probs[None, :], thresholds, run.labels)[0]
+    return Prediction(labels=names, probs=[float(probs[run.labels.index(name)]) for name in names])

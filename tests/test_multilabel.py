@@ -268,3 +268,78 @@ def test_a_single_label_run_still_answers_with_softmax(untrained_run_dir, photo_
     probs = classifier.predict_probs([Image.open(photo_dir / "chelsea.jpg")])
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     assert columns(1) == ["path", "label", "prob", "error", "top1_label", "top1_prob"]
+
+
+@pytest.mark.app
+def test_app_answers_with_every_label_above_its_threshold(trained, tmp_path):
+    from app_server import serve
+    from gradio_client import Client, handle_file
+
+    from demo.service import InferenceService
+    from finetune.checkpoint import load_run
+    from finetune.inference import Classifier
+
+    csv_path, run_dir = trained
+    images = sorted((csv_path.parent / "images").glob("*.png"))[:4]
+    run = load_run(run_dir)
+    thresholds = multilabel.thresholds_of(run.config, run.labels)
+    expected = Classifier(run).predict_probs([Image.open(p).convert("RGB") for p in images])
+    service = InferenceService.from_checkpoint(run_dir, runtime="torch")
+    try:
+        with serve(service) as url:
+            client = Client(url, verbose=False)
+            for path, probs in zip(images, expected, strict=True):
+                answer = client.predict(handle_file(path), 1, api_name="/classify")  # k does not cap it
+                shown = {entry["label"]: entry["confidence"] for entry in answer.get("confidences") or []}
+                above = {name: p for name, p, t in zip(run.labels, probs, thresholds, strict=True) if p >= t}
+                assert set(shown) == set(above)
+                assert all(shown[name] == pytest.approx(above[name], abs=1e-4) for name in shown)
+            table, _ = client.predict([handle_file(p) for p in images], api_name="/batch")
+            assert table["headers"][-1] == "labels"
+            for row, probs in zip(table["data"], expected, strict=True):
+                present = {n for n, p, t in zip(run.labels, probs, thresholds, strict=True) if p >= t}
+                assert set(filter(None, row[-1].split("; "))) == present
+            _, _, caption = client.predict(handle_file(images[0]), "two", 0.5, api_name="/explain")
+            assert "Explaining **two**" in caption
+    finally:
+        service.close()
+
+
+def test_train_tab_zip_with_labels_csv_becomes_a_multilabel_dataset(trained, tmp_path):
+    import zipfile
+
+    from demo.uploads import import_zip
+    from finetune.labels_csv import labels_source
+
+    csv_path, _ = trained
+    archive = tmp_path / "upload.zip"
+    lines = csv_path.read_text().splitlines()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for line in lines[1:25]:
+            name = line.split(",")[0]
+            zipped.write(csv_path.parent / name, f"shop/{name}")
+        zipped.writestr("shop/images/broken.png", b"not a png")
+        zipped.writestr("shop/notes.txt", "hello")
+        zipped.writestr("shop/labels.csv", "\n".join([*lines[:25], "images/broken.png,zero"]) + "\n")
+    dataset = import_zip(archive, tmp_path / "datasets")
+    assert labels_source(dataset.root) == dataset.root / "labels.csv"
+    assert dataset.num_images == 24 and set(dataset.class_counts) == set(NAMES)
+    reasons = {item.name: item.reason for item in dataset.skipped}
+    assert "shop/notes.txt" in reasons and "images/broken.png" in reasons
+    assert "24 images with 3 labels" in dataset.summary()
+    split = scan_labels_csv(labels_source(dataset.root))
+    assert len(split.train) + len(split.val) == 24
+
+    once = tmp_path / "once.zip"
+    with zipfile.ZipFile(once, "w") as zipped:
+        for line in lines[1:4]:
+            zipped.write(csv_path.parent / line.split(",")[0], line.split(",")[0])
+        rows = [
+            lines[0],
+            f"{lines[1].split(',')[0]},rare common",
+            *[f"{r.split(',')[0]},common" for r in lines[2:4]],
+        ]
+        zipped.writestr("labels.csv", "\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match="'rare'"):
+        import_zip(once, tmp_path / "datasets2")
+    assert not any((tmp_path / "datasets2").iterdir())  # nothing left behind
