@@ -17,7 +17,14 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from finetune.cli import EXIT_INTERRUPTED, configure_logging, run_cli
-from finetune.config import BALANCE_MODES, DEVICES, PRECISIONS, STRATEGIES, TrainConfig
+from finetune.config import (
+    BALANCE_MODES,
+    DEVICES,
+    MULTILABEL_LOSSES,
+    PRECISIONS,
+    STRATEGIES,
+    TrainConfig,
+)
 from finetune.engine import TrainEvent
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -87,6 +94,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument(
         "--balance", choices=BALANCE_MODES, default=d["balance"],
         help="class imbalance: loss weights, a balanced sampler, none, or auto (loss weights past 3x)",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--multilabel-loss", choices=MULTILABEL_LOSSES, default=d["multilabel_loss"],
+        help="loss of multi-label runs (a labels CSV): timm's BinaryCrossEntropy or asymmetric loss",
     )  # fmt: skip
     recipe.add_argument(
         "--hflip", action="store_true", help="random horizontal flips (only if flips keep meaning)"

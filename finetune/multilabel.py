@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5  # for a label with no positive validation image to fit one on
 MAX_POS_WEIGHT = 10.0
-LOSSES = ("bce", "asl")
 REPORT_JSON = "classification_report.json"  # the names single-label runs use, so tools find them
 REPORT_TEXT = "classification_report.txt"
 PR_CURVES_PNG = "pr_curves.png"

@@ -205,7 +205,11 @@ def _prepare(
                 samples, geometric, image_size, path, config.workers or None, None, draft
             )
     bad = [file for cache in caches.values() for file in cache.bad_files]
-    task = multilabel.MultiLabelTask(split.classes) if isinstance(split, labels_csv.MultiLabelSplit) else None
+    task = (
+        multilabel.MultiLabelTask(split.classes, config.multilabel_loss)
+        if isinstance(split, labels_csv.MultiLabelSplit)
+        else None
+    )
     if task is not None:
         warnings = task.attach_targets(caches, split.label_sets(), config.data_dir)
     else:
