@@ -20,6 +20,7 @@ from finetune.safe_text import csv_safe_cell
 
 # ood_score: higher = further from the model's classes; unknown: none of them (empty when rejection is off)
 COLUMNS = ["file", "top-1", "confidence", "top-k", "error", "ood_score", "unknown"]
+MULTILABEL_COLUMN = "labels"
 TOP_K = 5
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-batch"
 KEEP_OUTPUTS_S = 3600  # CSVs older than this are deleted (Gradio has copied them into its cache by then)
@@ -36,8 +37,9 @@ def classify_files(
 
 
 def to_table(rows: list[BatchRow]) -> pd.DataFrame:
-    """Rows in `COLUMNS` order, for both the on-screen table and the CSV."""
-    return pd.DataFrame(
+    """Rows in `COLUMNS` order, for both the on-screen table and the CSV (a multi-label model adds
+    `labels`: every label above its threshold)."""
+    table = pd.DataFrame(
         [
             [row.file, row.top1, row.confidence, row.top_k, public_message(row.error)]
             + [row.ood_score, row.unknown]
@@ -45,6 +47,9 @@ def to_table(rows: list[BatchRow]) -> pd.DataFrame:
         ],
         columns=COLUMNS,
     )
+    if any(row.labels is not None for row in rows):
+        table[MULTILABEL_COLUMN] = [row.labels or "" for row in rows]
+    return table
 
 
 def write_csv(table: pd.DataFrame) -> str:

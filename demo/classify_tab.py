@@ -154,7 +154,7 @@ def build(service: InferenceService, model: gr.State | None = None) -> list[Mode
             )
             button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         with gr.Column():
-            label = verdict_label(label="Top classes", elem_id="classify-label")
+            label = verdict_label(label=answer_title(service), elem_id="classify-label")
             latency = gr.Markdown(elem_id="classify-latency")
             with gr.Accordion("About the model", open=True):
                 card = gr.Markdown(model_card(service.info()), elem_id="classify-model-card")
@@ -169,7 +169,20 @@ def build(service: InferenceService, model: gr.State | None = None) -> list[Mode
         concurrency_limit=2 * service.max_batch_size,  # a full batch waits while the previous one runs
         concurrency_id="classify",
     ).success(describe_outcome, outcome, latency, api_visibility="private", queue=False)
-    return [(card, lambda name: model_card(service.info(name))), (k, partial(k_slider, service))]
+    views = [(card, lambda name: model_card(service.info(name))), (k, partial(k_slider, service))]
+    return [*views, (label, partial(label_box, service))]
+
+
+def label_box(service: InferenceService, model: str | None = None) -> Any:
+    """The answer's title: a multi-label model shows every label above its own threshold, with independent
+    probabilities that need not sum to 1 (and may be none)."""
+    return gr.Label(label=answer_title(service, model))
+
+
+def answer_title(service: InferenceService, model: str | None = None) -> str:
+    if service.info(model).is_multilabel:
+        return "Labels present (independent probabilities, each above its own threshold)"
+    return "Top classes"
 
 
 def _classify_and_outcome(

@@ -25,6 +25,7 @@ from PIL import Image
 from demo.batching import MicroBatcher
 from demo.cam import MULTI_SCALES, compute_cams, fuse_cams, model_view, prepare_cam_model, view_scale
 from demo.lanes import Lanes
+from finetune import multilabel_io
 from finetune.checkpoint import LoadedRun, load_default_run, load_run
 from finetune.errors import ConfigError, ImageError
 from finetune.file_predict import classify_files
@@ -57,6 +58,7 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: str = "torch"
     trust: dict[str, Any] = field(default_factory=dict)  # finetune.trust.trust_summary of the model
+    is_multilabel: bool = False  # independent sigmoid probabilities, each against its own threshold
 
 
 @dataclass
@@ -83,6 +85,7 @@ class BatchRow:
     error: str = ""
     ood_score: float | None = None  # higher = further from the model's classes; None: no OOD rule
     unknown: bool | None = None  # True: none of the model's classes; None: rejection off for this model
+    labels: str | None = None  # a multi-label model's labels above their thresholds ("; "-joined)
 
 
 class _Model:
@@ -221,6 +224,7 @@ class InferenceService:
             runtime=getattr(model.classifier, "runtime", None)
             or _RUNTIME_NAMES.get(type(model.classifier).__name__, type(model.classifier).__name__),
             trust=trust_summary(run.config, model.classifier.trust, model.classifier.reject),
+            is_multilabel=model.classifier.is_multilabel,
         )
 
     def predict_topk(
@@ -233,7 +237,10 @@ class InferenceService:
         """
         served = self._current(model)
         picture = self._open(served, image, name)
-        return served.batcher.submit(picture).top_k(served.run.labels, _check_k(k))[0]
+        scores = served.batcher.submit(picture)
+        if served.classifier.is_multilabel:  # every label above its threshold, whatever k
+            return multilabel_io.present(scores.probs[0], served.run)
+        return scores.top_k(served.run.labels, _check_k(k))[0]
 
     def explain(
         self,
@@ -285,6 +292,7 @@ class InferenceService:
             first.setdefault(key, path)
         unique = list(first)
         results: dict[str, Prediction | str] = {}  # a prediction, or the reason the file is unusable
+        present: dict[str, list[str]] = {}  # a multi-label model's labels above their thresholds
 
         def opener(key: str) -> Image.Image:  # upload limits and the run's draft size, decoded on all cores
             return self._open(model, first[key], first[key].name)
@@ -299,6 +307,8 @@ class InferenceService:
                         None if outcome.unknown is None else np.array([outcome.unknown]),
                     )
                     results[outcome.item] = top_k(outcome.probs[None], model.run.labels, k, *verdict)[0]
+                    if model.classifier.is_multilabel:
+                        present[outcome.item] = multilabel_io.present(outcome.probs, model.run).labels
         rows = []
         for key, path in zip(keys, paths, strict=True):
             result = results[key]
@@ -313,6 +323,7 @@ class InferenceService:
                     top_k=", ".join(f"{label} ({prob:.1%})" for label, prob in result.as_dict().items()),
                     ood_score=None if result.ood_score is None else round(result.ood_score, 4),
                     unknown=result.unknown,
+                    labels="; ".join(present[key]) if key in present else None,
                 )
             )
         return rows

@@ -51,7 +51,8 @@ KEEP_DOWNLOADS_S = 3600  # run zips older than this are deleted (Gradio has copi
 MAX_LISTED_SKIPS = 100  # skipped files returned through the API; the summary line names the first few
 INTRO = (
     "Teach the model new classes: upload a **zip with one folder per class** (`cats/1.jpg`, `dogs/1.jpg`, "
-    "...) or type class names and add images to each. Training runs on the server in the background; "
+    "...), a zip with a `labels.csv` (`path,labels`) beside its images for photos that show several "
+    "things, or type class names and add images to each. Training runs on the server in the background; "
     "when it ends, the new model is in the **Model** menu above."
 )
 
@@ -264,9 +265,11 @@ def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
     if not status.has_model:
         detail = escape_markdown(public_message(status.error or status.message))
         return f"**{status.state.capitalize()}.** {detail}"
-    score = status.metrics.get("val_top1")
+    score, what = status.metrics.get("val_top1"), "top-1"
+    if score is None and status.metrics.get("val_map") is not None:  # a multi-label run (labels.csv)
+        score, what = status.metrics["val_map"], "mAP"
     lines = [
-        f"**{escape_markdown(status.message)}.** Validation top-1 of the kept model: **{score:.1%}** "
+        f"**{escape_markdown(status.message)}.** Validation {what} of the kept model: **{score:.1%}** "
         f"(epoch {status.metrics.get('best_epoch')}, {status.metrics.get('strategy_used')}).",
         f"The model **{status.run_id}** is now in the **Model** menu above: pick it there to use it in "
         "Classify, Explain and Batch. Download the run folder below.",

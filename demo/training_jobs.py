@@ -33,6 +33,7 @@ from finetune.config import TrainConfig
 from finetune.distributed import DistContext, resolve_device
 from finetune.engine import TrainEvent
 from finetune.errors import ConfigError, StoppedError, StudioError
+from finetune.labels_csv import labels_source
 from finetune.modeling import DEFAULT_MODEL, check_model_name
 from finetune.trainer import fine_tune
 
@@ -439,7 +440,7 @@ class TrainingManager:
                 f"invalid time budget {budget_s / 60:g} minutes; use up to {max_budget_s / 60:g} minutes."
             )
         values = {
-            "data_dir": dataset_dir,
+            "data_dir": labels_source(dataset_dir),
             "out": out,
             "model": model,
             "weights": "none" if model in TEST_MODELS else "auto",

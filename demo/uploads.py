@@ -96,6 +96,11 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
         ) from error
     with archive:
         entries, skipped = _checked_entries(archive, limits, zip_bytes=zip_path.stat().st_size)
+        from demo.labels_zip import import_labels_zip, labels_csv_entry  # a zip with labels.csv: multi-label
+
+        csv_entry = labels_csv_entry(entries)
+        if csv_entry is not None:
+            return import_labels_zip(archive, entries, csv_entry, skipped, datasets_dir, limits)
         entries = _flatten_single_top_folder(entries)
         members = []
         for parts, info in entries:

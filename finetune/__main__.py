@@ -17,7 +17,14 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from finetune.cli import EXIT_INTERRUPTED, configure_logging, run_cli
-from finetune.config import BALANCE_MODES, DEVICES, PRECISIONS, STRATEGIES, TrainConfig
+from finetune.config import (
+    BALANCE_MODES,
+    DEVICES,
+    MULTILABEL_LOSSES,
+    PRECISIONS,
+    STRATEGIES,
+    TrainConfig,
+)
 from finetune.engine import TrainEvent
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -87,6 +94,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument(
         "--balance", choices=BALANCE_MODES, default=d["balance"],
         help="class imbalance: loss weights, a balanced sampler, none, or auto (loss weights past 3x)",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--multilabel-loss", choices=MULTILABEL_LOSSES, default=d["multilabel_loss"],
+        help="loss of multi-label runs (a labels CSV): timm's BinaryCrossEntropy or asymmetric loss",
     )  # fmt: skip
     recipe.add_argument(
         "--hflip", action="store_true", help="random horizontal flips (only if flips keep meaning)"
@@ -184,7 +195,8 @@ class ProgressBars:
             m = event.metrics
             star = " *" if m.get("improved") else ""
             name = "probe" if event.phase == "probe" else f"epoch {event.epoch}/{event.epochs}"
-            tqdm_write(f"{name}: val top-1 {m['val_top1']:.4f}  val loss {m['val_loss']:.4f}{star}")
+            score = f"val mAP {m['val_map']:.4f}" if "val_map" in m else f"val top-1 {m['val_top1']:.4f}"
+            tqdm_write(f"{name}: {score}  val loss {m['val_loss']:.4f}{star}")
         elif event.kind == "status":
             self.close()
             tqdm_write(event.message)
@@ -268,6 +280,8 @@ def _print_summary(result: Any, world_size: int = 1) -> None:
     from finetune.distributed import resume_command
 
     metrics = result.metrics
+    if metrics.get("val_map") is not None:  # a multi-label run (labels CSV)
+        return _print_multilabel_summary(result, resume_command(result.run_dir, world_size))
     if result.interrupted:
         kept = f"best so far (val top-1 {metrics['val_top1']:.4f}) kept" if metrics else "no checkpoint yet"
         print(
@@ -286,6 +300,20 @@ def _print_summary(result: Any, world_size: int = 1) -> None:
                 f"top-1 {metrics['test_top1']:.4f}, top-5 {metrics['test_top5']:.4f}, "
                 f"macro F1 {metrics['test_macro_f1']:.4f}"
             )
+    if result.bad_files:
+        print(f"Skipped {len(result.bad_files)} unreadable file(s): see {result.run_dir}/bad_files.txt")
+
+
+def _print_multilabel_summary(result: Any, resume: str) -> None:
+    metrics = result.metrics
+    if result.interrupted:
+        print(f"Interrupted: best so far kept. Continue with: {resume}", file=sys.stderr)
+    print(
+        f"Run folder: {result.run_dir}\nStrategy used: {result.strategy_used}; best epoch "
+        f"{metrics['best_epoch']}; val mAP {metrics['val_map']:.4f}, micro F1 "
+        f"{metrics['val_micro_f1']:.4f}, macro F1 {metrics['val_macro_f1']:.4f} "
+        "(validation: chose the kept weights and the thresholds)"
+    )
     if result.bad_files:
         print(f"Skipped {len(result.bad_files)} unreadable file(s): see {result.run_dir}/bad_files.txt")
 

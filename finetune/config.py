@@ -13,6 +13,7 @@ from finetune.modeling import DEFAULT_MODEL
 
 STRATEGIES = ("auto", "linear", "finetune", "lp-ft")
 BALANCE_MODES = ("auto", "none", "loss", "sampler")
+MULTILABEL_LOSSES = ("bce", "asl")  # finetune/multilabel.py make_loss
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -38,6 +39,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
     ema: bool = False  # evaluate, keep and save an exponential moving average of the weights (and buffers)
     ema_decay: float = 0.998  # EMA decay once warmed up (it rises from 0 as 1 - (1 + step) ** -0.75)
+    multilabel_loss: str = "bce"  # labels CSV runs: bce (timm BinaryCrossEntropy) | asl (asymmetric loss)
     balance: str = "auto"  # auto (loss weights when classes differ 3x or more) | none | loss | sampler
     img_size: int = 0  # square train/eval size; 0 picks from the data (finetune/recipe.py plan_recipe)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)
@@ -65,6 +67,7 @@ class TrainConfig:
         self.exclude_issues = Path(self.exclude_issues) if self.exclude_issues else None
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("balance", self.balance, BALANCE_MODES)
+        _choice("multilabel_loss", self.multilabel_loss, MULTILABEL_LOSSES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _at_least("epochs", self.epochs, 0)

@@ -287,7 +287,10 @@ def train_one_epoch(
         if opt.ema is not None:
             opt.ema.update(model, step=num_updates)
         total_loss += loss.item() * len(targets)
-        total_correct += (logits.argmax(dim=1) == targets).sum().item()
+        if targets.ndim == 2:  # multi-label (finetune/multilabel.py): the share of labels called right
+            total_correct += ((logits > 0) == (targets > 0.5)).float().mean(dim=1).sum().item()
+        else:
+            total_correct += (logits.argmax(dim=1) == targets).sum().item()
         total_seen += len(targets)
         if on_step is not None:
             steps = min(len(shard), step + opt.max_updates - num_updates) if opt.max_updates else len(shard)

@@ -200,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from finetune.labels_csv import is_labels_csv
     from finetune.reports import format_report, write_reports
 
+    if is_labels_csv(args.data_dir):  # a multi-label run on a labels CSV (finetune/multilabel_io.py)
+        return _evaluate_csv(args)
     metrics, matrix, labels = evaluate_folder(
         args.data_dir, args.checkpoint, args.batch_size, args.runtime, args.tta, _reliability_path(args)
     )
@@ -249,6 +252,31 @@ def _reliability_path(args: argparse.Namespace) -> Path | None:
     if str(args.checkpoint).startswith("hf-hub:"):
         return None
     return Path(args.checkpoint) / RELIABILITY_FILE
+
+
+def _evaluate_csv(args: argparse.Namespace) -> int:
+    from finetune.multilabel import format_report, write_reports
+    from finetune.multilabel_io import evaluate_csv
+
+    metrics, targets, probs, run = evaluate_csv(
+        args.data_dir, args.checkpoint, args.batch_size, args.runtime, args.tta
+    )
+    if args.out_dir is not None:
+        thresholds = [metrics["per_label"][label]["threshold"] for label in run.labels]
+        write_reports(args.out_dir, targets, probs, np.array(thresholds), run.labels)
+    if args.json:
+        json.dump(metrics, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    subset = " (the run's validation split)" if metrics["subset"] == "val" else ""
+    print(
+        f"mAP {metrics['mAP']:.4f}  micro F1 {metrics['micro_f1']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
+        f"on {metrics['n']} images{subset}\n"
+    )
+    print(format_report(metrics["per_label"]))
+    if metrics["bad_files"]:
+        print(f"\n{len(metrics['bad_files'])} file(s) could not be read; first: {metrics['bad_files'][0]}")
+    return 0
 
 
 if __name__ == "__main__":

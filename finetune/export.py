@@ -300,6 +300,9 @@ def _export_program(run: LoadedRun, fingerprint: str) -> Any:
             f"{run.architecture} cannot be exported to ONNX ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:300] if str(error) else ''}); serve it with --runtime torch."
         ) from error
+    multi_label = (run.studio.get("multilabel") or {}).get("thresholds")
+    if multi_label:  # sigmoid outputs: each label's threshold travels with the file (finetune/multilabel.py)
+        program.model.metadata_props["studio.multilabel_thresholds"] = json.dumps(multi_label)
     program.model.metadata_props.update(
         {
             META_FINGERPRINT: fingerprint,

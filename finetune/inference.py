@@ -27,6 +27,7 @@ from finetune.checkpoint import LoadedRun
 from finetune.errors import CheckpointError, ConfigError, RuntimeUnavailableError
 from finetune.images import ImageSource, open_image
 from finetune.modeling import draft_size_for, split_eval_transform
+from finetune.multilabel import is_multilabel, sigmoid
 from finetune.trust import FALLBACK_MIN_CONFIDENCE, LogitsAndFeatures, read_trust
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Classifier:
         self.trust = read_trust(run.config, run.run_dir.name if run.run_dir else run.architecture)
         self.reject = self.trust.rejector is not None  # callers may turn it off (--no-reject)
         self._net = LogitsAndFeatures(run.model)
+        self.is_multilabel = is_multilabel(run.config)  # independent sigmoid probabilities, not softmax
 
     def set_reject(self, reject: bool | None) -> None:
         """Rejection on (True), off (False: scores still computed) or as the run says (None: on when it has
@@ -239,6 +241,9 @@ class Classifier:
             return Scores(np.zeros((0, len(self.labels)), np.float32))
         batch = torch.cat([self.normalize(per_zoom) for per_zoom in views])
         logits, features = self.predict_outputs(batch)
+        if self.is_multilabel:  # independent labels: no temperature or "none of these" rule
+            probs = sigmoid(logits).reshape(len(views), count, -1).mean(axis=0)
+            return Scores(probs, logits=logits.reshape(len(views), count, -1).mean(axis=0))
         probs = softmax(logits / self.trust.temperature).reshape(len(views), count, -1).mean(axis=0)
         mean_logits = logits.reshape(len(views), count, -1).mean(axis=0)
         rule = self.trust.rejector

@@ -19,8 +19,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from finetune import data_report
+from finetune import data_report, multilabel_card
 from finetune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, label_names_of, read_run_config
+from finetune.multilabel import is_multilabel
 from finetune.safe_text import escape_markdown, markdown_code
 from finetune.trust import card_section as trust_card_section
 
@@ -84,9 +85,9 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         trust_card_section(config, (run_dir / "reliability.png").is_file()),
         _classes(config, report),
         data_report.card_section(run_dir),
-        _usage(repo_id, run_dir),
+        _usage(repo_id, run_dir, is_multilabel(config)),
         _training(studio, history),
-        LIMITATIONS,
+        multilabel_card.LIMITATIONS if is_multilabel(config) else LIMITATIONS,
         _files(run_dir),
     ]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s).rstrip() + "\n"
@@ -105,6 +106,8 @@ class Score:
 def validation_scores(config: dict[str, Any], report: dict[str, Any]) -> list[Score]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy and macro F1, where recorded."""
     scores = _accuracy_scores(config, "val")
+    metrics = (config.get("studio") or {}).get("metrics") or {}
+    scores += [Score(*found) for found in multilabel_card.scores(metrics)]  # a multi-label run's mAP
     macro = report.get("macro avg")
     if isinstance(macro, dict) and _is_number(macro.get("f1")):
         scores.append(Score("f1", "Macro F1", float(macro["f1"]), metric_config="macro"))
@@ -214,6 +217,8 @@ def _overview(config: dict[str, Any], name: str) -> str:
         f"Studio. It is a plain timm model: the weights are in `{WEIGHTS_FILE}`, the labels and the "
         f"preprocessing in `{CONFIG_FILE}`."
     )
+    if is_multilabel(config):
+        intro = multilabel_card.intro(len(labels), WEIGHTS_FILE, CONFIG_FILE)
     return f"# {_md(name)}\n\n{intro}\n\n" + "\n".join(facts)
 
 
@@ -241,7 +246,9 @@ def _results(config: dict[str, Any], report: dict[str, Any], run_dir: Path) -> s
     lines.append(
         _table(("Metric", "Value"), rows) if rows else "No validation metrics were recorded for this run."
     )
-    for file, title in ((CURVES_FILE, "Training curves"), (CONFUSION_FILE, "Confusion matrix")):
+    figures = ((CURVES_FILE, "Training curves"), (CONFUSION_FILE, "Confusion matrix"))
+    figures += ((multilabel_card.PR_CURVES_FILE, "Precision-recall per label"),)
+    for file, title in figures:
         if (run_dir / file).is_file():
             lines.append(f"### {title}\n\n![{title}]({file})")
     return "\n\n".join(lines)
@@ -258,6 +265,9 @@ def _classes(config: dict[str, Any], report: dict[str, Any]) -> str:
     if scores:
         for key, title in (("precision", "Precision"), ("recall", "Recall"), ("f1", "F1")):
             columns.append((title, lambda label, key=key: _score(scores.get(label, {}).get(key))))
+        for key, title in (("ap", "AP"), ("threshold", "Threshold")):  # multi-label reports only
+            if any(key in row for row in scores.values()):
+                columns.append((title, lambda label, key=key: _score(scores.get(label, {}).get(key))))
         columns.append(("Validation images", lambda label: _cell(scores.get(label, {}).get("support"))))
     if len(columns) == 1:
         return ""  # the names alone are already listed at the top
@@ -265,9 +275,11 @@ def _classes(config: dict[str, Any], report: dict[str, Any]) -> str:
     return "## Classes\n\n" + _table(tuple(title for title, _ in columns), rows)
 
 
-def _usage(repo_id: str | None, run_dir: Path) -> str:
+def _usage(repo_id: str | None, run_dir: Path, multi_label: bool = False) -> str:
     checkpoint = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{run_dir}"
     ours = f"hf-hub:{repo_id}" if repo_id else str(run_dir)
+    if multi_label:
+        return multilabel_card.usage(checkpoint, ours, TIMM_URL)
     return f"""## How to use
 
 With [timm]({TIMM_URL}) alone (labels and preprocessing come with \
@@ -312,6 +324,8 @@ def _training(studio: dict[str, Any], history: list[dict[str, Any]]) -> str:
         )
     if history:
         keys = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_top1", "lr", "time_s")
+        if any("val_map" in epoch for epoch in history if isinstance(epoch, dict)):  # a multi-label run
+            keys = ("epoch", "phase", "train_loss", "val_loss", "val_map", "val_macro_f1", "lr", "time_s")
         rows = [tuple(_cell(epoch.get(key)) for key in keys) for epoch in history if isinstance(epoch, dict)]
         lines.append(
             f"<details><summary>Per-epoch history ({len(rows)} epochs)</summary>\n\n"
@@ -337,6 +351,7 @@ def _files(run_dir: Path) -> str:
         "test_" + REPORT_FILE: "per-class precision, recall and F1 on the test set",
         CURVES_FILE: "loss and accuracy curves",
         CONFUSION_FILE: "confusion matrix on the validation set",
+        multilabel_card.PR_CURVES_FILE: "precision-recall curve of each label on the validation set",
     }
     rows = [(_code(name), text) for name, text in described.items() if (run_dir / name).is_file()]
     return "## Files\n\n" + _table(("File", "Contents"), rows)

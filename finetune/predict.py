@@ -126,6 +126,8 @@ def _predict(args: argparse.Namespace) -> int:
         dist.barrier()
     top_k = min(args.top_k, len(run.labels))
     tta = parse_tta(args.tta)
+    if getattr(classifier, "is_multilabel", False):
+        top_k = -1  # no top-k: `labels` and every label's probability (finetune/multilabel_io.py)
     if args.out is None:
         return _write_csv(sys.stdout, classifier, files, top_k, args.batch_size, tta, args.quiet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,11 +201,18 @@ def _write_csv(
     """Stream rows as they come, flushed per chunk: a crash at file 900,000 keeps the rows before it."""
     from tqdm import tqdm
 
-    writer = csv.DictWriter(stream, fieldnames=columns(top_k), extrasaction="ignore")
+    if top_k == -1:  # a multi-label run
+        from finetune import multilabel_io
+
+        fieldnames = multilabel_io.columns(classifier.labels)
+        chunks = multilabel_io.predict_rows(classifier, files, batch_size, tta)
+    else:
+        fieldnames, chunks = columns(top_k), predict_rows(classifier, files, top_k, batch_size, tta)
+    writer = csv.DictWriter(stream, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()
     failures = 0
     with tqdm(total=len(files), unit="img", disable=quiet, file=sys.stderr, desc="predict") as bar:
-        for rows in predict_rows(classifier, files, top_k, batch_size, tta):
+        for rows in chunks:
             for row in rows:
                 writer.writerow(csv_safe_row(row))  # a file or class named "=HYPERLINK(...)" stays text
                 failures += bool(row["error"])

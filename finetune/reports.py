@@ -119,7 +119,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
         points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if row.get(key) is not None]
         if points:
             loss_axis.plot(*zip(*points, strict=True), marker="o", label=name)
-    for key, name in (("train_acc", "train"), ("val_top1", "validation top-1")):
+    scores = (("train_acc", "train"), ("val_top1", "validation top-1"), ("val_map", "validation mAP"))
+    for key, name in scores:
         points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if row.get(key) is not None]
         if points:
             acc_axis.plot(*zip(*points, strict=True), marker="o", label=name)

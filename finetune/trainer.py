@@ -24,7 +24,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from finetune import checkpoint, reports
+from finetune import checkpoint, labels_csv, multilabel, reports
 from finetune.budget import MIN_FINETUNE_STEPS, StepCosts, affordable_steps, warmup_steps
 from finetune.config import TrainConfig
 from finetune.data import (
@@ -117,6 +117,7 @@ class _Run:
     test: CachedImages | None = None  # a test/ folder: evaluated once at the end, never used to choose
     plan: RecipePlan | None = None  # resolution and frozen groups `auto` chose (finetune/recipe.py)
     class_weights: torch.Tensor | None = None
+    multilabel: multilabel.MultiLabelTask | None = None  # a labels CSV: sigmoid outputs (multilabel.py)
     sample_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)  # metrics row of the best checkpoint so far
@@ -213,16 +214,27 @@ def _prepare(
                 max_gb=config.cache_max_gb,
             )  # fmt: skip
     bad = [file for cache in caches.values() for file in cache.bad_files]
-    _check_usable(split.classes, caches["train"], bad, config.data_dir)
-    warnings = warn_about_classes(
-        split.classes, caches["train"].targets.tolist(), caches["val"].targets.tolist()
+    task = (
+        multilabel.MultiLabelTask(split.classes, config.multilabel_loss)
+        if isinstance(split, labels_csv.MultiLabelSplit)
+        else None
     )
+    if task is not None:
+        warnings = task.attach_targets(caches, split.label_sets(), config.data_dir)
+    else:
+        _check_usable(split.classes, caches["train"], bad, config.data_dir)
+        warnings = warn_about_classes(
+            split.classes, caches["train"].targets.tolist(), caches["val"].targets.tolist()
+        )
     for warning in warnings:
         logger.warning("%s", warning)
         emit(TrainEvent("status", message=f"Warning: {warning}"))
     precision = resolve_precision(config.precision, dist.device)
     model.to(dist.device).to(memory_format=torch.channels_last)
-    counts = np.bincount(caches["train"].targets.numpy(), minlength=len(split.classes))
+    if task is not None:  # images showing each label
+        counts = caches["train"].targets.sum(dim=0).numpy().astype(np.int64)
+    else:
+        counts = np.bincount(caches["train"].targets.numpy(), minlength=len(split.classes))
     studio = {
         "train_config": config.to_dict(),
         "weights_source": created.weights_source,
@@ -246,9 +258,13 @@ def _prepare(
     run = _Run(
         config=config, dist=dist, emit=emit, should_stop=stop, precision=precision, model=model,
         labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
-        val=caches["val"], studio=studio, test=caches.get("test"), plan=plan,
+        val=caches["val"], studio=studio, test=caches.get("test"), plan=plan, multilabel=task,
     )  # fmt: skip
-    _set_balance(run, counts)
+    if task is not None:
+        studio["balance_used"] = task.set_balance(config.balance, counts, len(caches["train"]))
+        studio["multilabel"] = task.studio()
+    else:
+        _set_balance(run, counts)
     if bad and dist.is_main:
         write_bad_files(config.out / BAD_FILES, bad)
         logger.warning(
@@ -265,6 +281,8 @@ def _dataset_split(config: TrainConfig, dist: DistContext, resume: bool) -> Data
     Recomputing the split on resume would reshuffle any class whose files changed and move trained-on images
     into validation, so a dataset that changed since the run started is refused with what changed.
     """
+    if labels_csv.is_labels_csv(config.data_dir):
+        return labels_csv.csv_dataset_split(config, dist.is_main, resume)
     record = read_split(config.out) if resume else None
     if record is not None:
         changes = compare_with_folder(record, config.val_fraction, config.seed, config.workers or None)
@@ -366,7 +384,8 @@ def _linear_probe(run: _Run) -> bool:
     val_features = extract_features(
         run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist
     )
-    if run.dist.is_main:  # the data checks (finetune/inspect.py) reuse these features: seconds, not a pass
+    if run.dist.is_main and run.multilabel is None:  # the data checks (finetune/inspect.py) reuse these
+        # features: seconds, not a pass (their label checks assume one class per image)
         caches = {"train": run.train, "val": run.val, **({"test": run.test} if run.test is not None else {})}
         features = {"train": train_features, "val": val_features}
         summary = check_run_data(
@@ -376,24 +395,35 @@ def _linear_probe(run: _Run) -> bool:
         run.emit(TrainEvent("status", phase="inspect", message=summary))
     if run.dist.any_true(run.should_stop()):
         return True
-    sample_weights = run.sample_weights
-    if sample_weights is not None and chosen is not None:
-        sample_weights = sample_weights[chosen]
-    head = fit_linear_probe(
-        train_features, train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
-        run.config.seed, label_smoothing=run.config.label_smoothing, sample_weights=sample_weights,
-    )  # fmt: skip
+    if run.multilabel is not None:
+        loss = run.multilabel.loss_fn(torch.device("cpu"))
+        head = multilabel.fit_probe(
+            train_features, train.targets, run.config.probe_epochs, loss, run.config.seed
+        )
+    else:
+        sample_weights = run.sample_weights
+        if sample_weights is not None and chosen is not None:
+            sample_weights = sample_weights[chosen]
+        head = fit_linear_probe(
+            train_features, train.targets, len(run.labels), run.config.probe_epochs, run.class_weights,
+            run.config.seed, label_smoothing=run.config.label_smoothing, sample_weights=sample_weights,
+        )  # fmt: skip
     # Same features and seed give the same head everywhere; rank 0's copy makes it exact across machines.
     run.dist.broadcast_([head.weight, head.bias])
     classifier = run.model.get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(head.weight)
         classifier.bias.copy_(head.bias)
-    result = probe_metrics(head, val_features, run.val.targets)
-    train_result = probe_metrics(head, train_features, train.targets)
-    row = _history_row(
-        run, "probe", 0, result, {"train_loss": train_result.loss, "train_acc": train_result.top1}
-    )
+    if run.multilabel is not None:
+        with torch.no_grad():
+            result = multilabel.scores_of(head(val_features), run.val.targets)
+            train_result = multilabel.scores_of(head(train_features), train.targets)
+        train_fields = {"train_loss": train_result.loss, "train_map": train_result.mean_ap}
+    else:
+        result = probe_metrics(head, val_features, run.val.targets)
+        train_result = probe_metrics(head, train_features, train.targets)
+        train_fields = {"train_loss": train_result.loss, "train_acc": train_result.top1}
+    row = _history_row(run, "probe", 0, result, train_fields)
     row["time_s"] = time.perf_counter() - started
     run.studio["forward_s_per_image"] = forward_s_per_image
     _record(run, row, improved=True, epochs=0)
@@ -468,6 +498,8 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         weight=None if run.class_weights is None else run.class_weights.to(run.dist.device),
         label_smoothing=config.label_smoothing,
     )
+    if run.multilabel is not None:
+        loss_fn = run.multilabel.loss_fn(run.dist.device)
     scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
     opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
@@ -503,7 +535,10 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         # With --train-bn each process updated its BatchNorm statistics on its own images: evaluate (and
         # keep) rank 0's, the ones it saves.
         run.dist.broadcast_(list(eval_model.buffers()))
-        result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
+        if run.multilabel is not None:
+            result = multilabel.evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
+        else:
+            result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
         row = _history_row(run, "finetune", epoch, result, train_metrics)
         row["time_s"] = time.perf_counter() - started
         row["updates"] = num_updates
@@ -667,23 +702,20 @@ def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
     """
     if not best:
         return True
-    if row["val_top1"] != best["val_top1"]:
-        return row["val_top1"] > best["val_top1"]
+    key = "val_map" if "val_map" in row else "val_top1"  # multi-label runs rank by mAP
+    if row[key] != best[key]:
+        return row[key] > best[key]
     return row["val_loss"] < best["val_loss"]
 
 
 def _history_row(
-    run: _Run, phase: str, epoch: int, result: EvalResult, train: dict[str, float]
+    run: _Run, phase: str, epoch: int, result: EvalResult | multilabel.MultiLabelEval, train: dict[str, float]
 ) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "phase": phase,
-        **train,
-        "val_loss": result.loss,
-        "val_top1": result.top1,
-        "val_top5": result.top5,
-        "elapsed_s": time.perf_counter() - run.started,
-    }
+    if isinstance(result, multilabel.MultiLabelEval):
+        scores = result.row()
+    else:
+        scores = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5}
+    return {"epoch": epoch, "phase": phase, **train, **scores, "elapsed_s": time.perf_counter() - run.started}
 
 
 def _record(
@@ -714,6 +746,9 @@ def _studio(run: _Run) -> dict[str, Any]:
         "epochs_run": max((row["epoch"] for row in run.history), default=0),
         "wall_s": time.perf_counter() - run.started,
     }
+    if run.multilabel is not None:
+        metrics.update({k: best.get(k) for k in ("val_map", "val_micro_f1", "val_macro_f1")})
+        metrics["selected_on"] = "validation mAP, then validation loss"
     return {**run.studio, "metrics": metrics}
 
 
@@ -759,6 +794,8 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     if not run.best:
         return TrainResult(run.run_dir, {}, run.history, "none", interrupted, bad)
     studio = _studio(run)
+    if run.multilabel is not None:
+        return _finish_multilabel(run, interrupted, studio, bad)
     if run.dist.is_main:
         best = checkpoint.load_run(run.run_dir, device=run.dist.device)
         # fp32 so the stored score is what `finetune.evaluate` reproduces from the saved files
@@ -790,6 +827,31 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     return TrainResult(
         run.run_dir, studio["metrics"], run.history, studio["metrics"]["strategy_used"], interrupted, bad
     )
+
+
+def _finish_multilabel(
+    run: _Run, interrupted: bool, studio: dict[str, Any], bad: list[tuple[Path, str]]
+) -> TrainResult:
+    """The kept multi-label model: thresholds fitted on validation (fp32), reports, the run saved again."""
+    assert run.multilabel is not None
+    if run.dist.is_main:
+        model = checkpoint.load_run(run.run_dir, device=run.dist.device).model
+        fp32, alone = Precision(run.dist.device, None), DistContext(device=run.dist.device)
+        result = multilabel.evaluate(model, run.val, run.mean, run.std, fp32, alone)
+        finished = run.multilabel.finish(run.run_dir, result)
+        studio["multilabel"] = run.multilabel.studio(finished["thresholds"])
+        studio["metrics"].update(finished["metrics"], interrupted=interrupted)
+        studio["metrics"]["wall_s"] = time.perf_counter() - run.started
+        checkpoint.save_run(run.run_dir, model, run.labels, run.data_config, studio)
+        reports.write_history(run.run_dir, run.history)
+        write_model_card(run.run_dir)
+        if not interrupted:
+            state = checkpoint.load_train_state(run.run_dir)
+            checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
+    run.dist.barrier()
+    run.emit(TrainEvent("done", metrics=studio["metrics"]))
+    metrics = studio["metrics"]
+    return TrainResult(run.run_dir, metrics, run.history, metrics["strategy_used"], interrupted, bad)
 
 
 def _test_metrics(run: _Run, model: torch.nn.Module, precision: Precision) -> dict[str, Any]:
