@@ -386,7 +386,7 @@ def _linear_probe(run: _Run) -> bool:
     )
     if run.dist.is_main and run.multilabel is None:  # the data checks (finetune/inspect.py) reuse these
         # features: seconds, not a pass (their label checks assume one class per image)
-        caches = {"train": run.train, "val": run.val, **({"test": run.test} if run.test is not None else {})}
+        caches = {"train": train, "val": run.val, **({"test": run.test} if run.test is not None else {})}
         features = {"train": train_features, "val": val_features}
         summary = check_run_data(
             run.run_dir, run.config.data_dir, run.labels, caches, features, run.config.model,
