@@ -576,14 +576,15 @@ def _wanted_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def _step_costs(run: _Run, step_s: float) -> StepCosts:
-    """Validation after each epoch and the closing fp32 evaluation of validation and test/, priced with
-    the probe's measured forward time per image."""
+    """Validation after each epoch and the closing fp32 passes, priced with the probe's measured forward
+    time per image."""
     per_image = run.studio.get("forward_s_per_image") or 0.0
     num_test = len(run.test) if run.test is not None else 0
     return StepCosts(
         step_s=step_s,
         eval_s=per_image * len(run.val) / run.dist.world_size,
-        final_s=per_image * FP32_COST * (len(run.val) + num_test),
+        # the kept model's closing passes: validation for the reports and again for calibration, then test/
+        final_s=per_image * FP32_COST * (2 * len(run.val) + num_test),
     )
 
 
