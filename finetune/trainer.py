@@ -79,7 +79,7 @@ BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + b
 FP32_COST = 2.0  # the closing evaluation runs in fp32: about twice a bf16 forward on CPU
 PROBE_SHARE = 0.25  # of the budget left after decoding, at most, for the probe's features (train + val)
 PROBE_CALIBRATION_IMAGES, MIN_PROBE_IMAGES = 64, 2000  # timed first batch; the smallest sample worth a probe
-CLOCK_SKIP, CLOCK_STEPS = 5, 20  # updates left untimed (allocator, caches), then timed, before re-planning
+CLOCK_SKIP, CLOCK_STEPS = 3, 10  # updates left untimed (allocator, caches), then timed, before re-planning
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
 EMA_WARMUP_POWER = 0.75
@@ -535,6 +535,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         # With --train-bn each process updated its BatchNorm statistics on its own images: evaluate (and
         # keep) rank 0's, the ones it saves.
         run.dist.broadcast_(list(eval_model.buffers()))
+        evaluating = time.perf_counter()
         if run.multilabel is not None:
             result = multilabel.evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
         else:
@@ -553,6 +554,8 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         if ema is not None:
             state_extra["ema"] = ema.module.state_dict()
         _save_state(run, "finetune", epoch, epochs, num_updates=num_updates, stale=stale, **state_extra)
+        if clock is not None:
+            clock.evaluated(time.perf_counter() - evaluating, num_updates)
         if run.dist.any_true(stale >= config.patience):
             run.emit(
                 TrainEvent("status", message=f"Early stopping: no better validation score for {stale} epochs")
@@ -634,31 +637,51 @@ class _Schedule:
 
 
 class _StepClock:
-    """Times real updates once (after a few to warm up), then fits the plan to the budget left.
+    """Times real updates, then fits the plan to the budget left: once early, and after every validation.
 
     The first plan guessed the update time from the probe's forward passes; a backward pass through a half
-    frozen or a small-image network costs more or less than BACKWARD_COST forwards, so the count is corrected
-    early, while the run is still warming up, and the cosine decay is rebuilt over the new count.
+    frozen or a small-image network costs more or less than BACKWARD_COST forwards, and a shared machine
+    changes speed, so the count is corrected early (while the run is still warming up) and again after each
+    epoch, with the measured validation time, and the cosine decay is rebuilt over the new count.
     """
 
     def __init__(self, run: _Run, opt: Optimization, schedule: _Schedule, wanted: int, done: int) -> None:
         self.run, self.opt, self.schedule, self.wanted = run, opt, schedule, wanted
         self.ticks, self.done_at_start = 0, done
-        self.started_at = 0.0
+        self.last: float | None = None
+        self.spent, self.timed = 0.0, 0
+        self.eval_s: float | None = None
 
     def tick(self) -> None:
+        now = time.perf_counter()
         self.ticks += 1
-        if self.ticks == CLOCK_SKIP:
-            self.started_at = time.perf_counter()
-        if self.ticks != CLOCK_SKIP + CLOCK_STEPS:
+        if self.last is not None and self.ticks > CLOCK_SKIP:
+            self.spent += now - self.last
+            self.timed += 1
+        self.last = now
+        if self.timed == CLOCK_STEPS and self.eval_s is None:
+            self.replan(self.done_at_start + self.ticks)
+
+    def evaluated(self, seconds: float, done: int) -> None:
+        """A validation pass (and its checkpoint) took `seconds`, not an update's time: re-plan with both."""
+        self.last = None
+        self.eval_s = seconds
+        if done < self.opt.max_updates:  # the plan's end is final: no warm restart of the schedule past it
+            self.replan(done, may_grow=False)
+
+    def replan(self, done: int, may_grow: bool = True) -> None:
+        """Re-fit the update count; later in the run only shrink it (growing moves the cosine back up)."""
+        if self.timed == 0:
             return
-        step_s = (time.perf_counter() - self.started_at) / CLOCK_STEPS
-        done = self.done_at_start + self.ticks
+        step_s = self.spent / self.timed
+        costs = _step_costs(self.run, step_s)
+        if self.eval_s is not None:
+            costs = StepCosts(step_s, self.eval_s, costs.final_s)
         fits = affordable_steps(
-            _remaining_s(self.run), _step_costs(self.run, step_s), self.schedule.steps_per_epoch,
-            self.wanted, done_steps=done,
-        )  # fmt: skip
-        total = self.run.dist.broadcast_int(max(done, fits))
+            _remaining_s(self.run), costs, self.schedule.steps_per_epoch, self.wanted, done_steps=done
+        )
+        total = max(done, fits if may_grow else min(fits, self.opt.max_updates))
+        total = self.run.dist.broadcast_int(total)
         if total != self.opt.max_updates:
             logger.info(
                 "Measured %.3f s an update: planning %d updates instead of %d.",

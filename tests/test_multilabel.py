@@ -267,7 +267,7 @@ def test_a_single_label_run_still_answers_with_softmax(untrained_run_dir, photo_
     assert not classifier.is_multilabel
     probs = classifier.predict_probs([Image.open(photo_dir / "chelsea.jpg")])
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
-    assert columns(1) == ["path", "label", "prob", "error", "top1_label", "top1_prob"]
+    assert columns(1) == ["path", "label", "prob", "error", "top1_label", "top1_prob", "ood_score", "unknown"]
 
 
 @pytest.mark.app
