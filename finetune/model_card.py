@@ -81,7 +81,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         _overview(config, name),
         _results(config, report, run_dir),
         _classes(config, report),
-        data_report.card_section(run_dir),
+        data_report.card_section(run_dir, for_hub=repo_id is not None),
         _usage(repo_id, run_dir),
         _training(studio, history),
         LIMITATIONS,
