@@ -27,6 +27,7 @@ REPORT_JSON = "data_report.json"
 REPORT_HTML = "data_report.html"
 ISSUES_FILE = "data_issues.txt"
 TOP_LOSSES_PNG = "top_losses.png"
+LOCAL_FILES = (REPORT_JSON, REPORT_HTML, ISSUES_FILE, TOP_LOSSES_PNG)  # never published: they show the data
 SCHEMA_VERSION = 1
 THUMBNAIL_PX = 96
 SHOWN_PER_CHECK = 40  # findings per check drawn in the HTML (all of them are in the JSON)
@@ -343,8 +344,12 @@ figure.excluded img{outline:3px solid #d33} figcaption{font-size:.8em;max-width:
 """
 
 
-def card_section(run_dir: Path) -> str:
-    """The model card's "Data check" section (Markdown, every name escaped), or "" without a report."""
+def card_section(run_dir: Path, for_hub: bool = False) -> str:
+    """The model card's "Data check" section (Markdown, every name escaped), or "" without a report.
+
+    `for_hub`: the published card keeps the counts and the most-confused class pairs, but no file name or
+    training image (the report files are not uploaded: `LOCAL_FILES`).
+    """
     from finetune.safe_text import escape_markdown, markdown_code
 
     report = read_report(run_dir)
@@ -352,13 +357,17 @@ def card_section(run_dir: Path) -> str:
         return ""
     counts = report["counts"]
     rows = "".join(f"| {TITLES[check]} | {counts.get(check, 0)} |\n" for check in CHECKS)
+    where = (
+        "the full report stays in the local run folder"
+        if for_hub
+        else f"the full report with thumbnails is [{REPORT_HTML}]({REPORT_HTML})"
+    )
     lines = [
         "## Data check\n\nRun on the training data before training (frozen-backbone features, file hashes "
-        f"and sizes); the full report with thumbnails is [{REPORT_HTML}]({REPORT_HTML}).\n\n"
-        f"| Check | Findings |\n|---|---|\n{rows}"
+        f"and sizes); {where}.\n\n| Check | Findings |\n|---|---|\n{rows}"
     ]
     after = report.get("after_training")
-    if after and after["top_losses"]:
+    if after and after["top_losses"] and not for_hub:
         losses = "".join(
             f"| {markdown_code(row['path'])} | {escape_markdown(row['label'], 60)} | "
             f"{escape_markdown(row['predicted'], 60)} | {row['confidence']:.0%} |\n"

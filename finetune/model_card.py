@@ -84,7 +84,7 @@ def render_model_card(run_dir: Path, *, repo_id: str | None = None, license_id: 
         _results(config, report, run_dir),
         trust_card_section(config, (run_dir / "reliability.png").is_file()),
         _classes(config, report),
-        data_report.card_section(run_dir),
+        data_report.card_section(run_dir, for_hub=repo_id is not None),
         _usage(repo_id, run_dir, is_multilabel(config)),
         _training(studio, history),
         multilabel_card.LIMITATIONS if is_multilabel(config) else LIMITATIONS,

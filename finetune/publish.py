@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.checkpoint import HUB_FILES, HUB_PREFIX, STATE_META_FILE, load_run
+from finetune.data_report import LOCAL_FILES as DATA_REPORT_FILES
 from finetune.errors import ConfigError, StudioError
 from finetune.model_card import CARD_FILE, is_repo_id, write_model_card
 from finetune.split import SPLIT_FILE
@@ -32,7 +33,8 @@ DRY_RUN_SUFFIX = "-hub"
 DRY_RUN_MARKER = ".hub-upload"  # marks a folder we wrote (a dry run's), so a later dry run may replace it
 # Files of a run folder that never go to the Hub: resumable state (optimizer moments: large, private to
 # training), the local card, which is rewritten for the repository, and the split (the local dataset's paths).
-EXCLUDED_FILES = (STATE_META_FILE, CARD_FILE, SPLIT_FILE)
+# the data report shows training images and file names: it stays local (the card keeps its counts)
+EXCLUDED_FILES = (STATE_META_FILE, CARD_FILE, SPLIT_FILE, *DATA_REPORT_FILES)
 
 
 def get_parser() -> argparse.ArgumentParser:

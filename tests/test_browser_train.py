@@ -62,6 +62,7 @@ def test_train_tab_trains_shows_progress_and_the_new_model_classifies(
         rows = page.locator("#train-epochs").get_by_role("row")
         expect(rows).to_have_count(5)  # header, the linear probe (epoch 0), fine-tuning epochs 1-3
         expect(page.locator("#train-curves img")).to_be_visible()
+        expect(page.locator("#train-data-check")).to_contain_text("Data check of 20 images")  # issue 15
         expect(page.locator("#train-metrics")).to_contain_text("val_top1")
         run_id = page.locator("#train-run-id textarea").input_value()
         note = page.locator("#train-result")

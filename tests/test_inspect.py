@@ -302,3 +302,19 @@ def test_inspect_with_a_checkpoint_uses_its_split_and_adds_its_top_losses(
     assert report["num_files"] == 53  # the run's recorded split, without the files it left out
     assert report["after_training"]["num_images"] == 14
     assert (tmp_path / "top_losses.png").is_file() == bool(report["after_training"]["top_losses"])
+
+
+def test_published_folder_leaves_the_data_report_out_and_its_card_names_no_file(
+    trained: tuple[Path, set], tmp_path: Path
+) -> None:
+    from finetune.data_report import LOCAL_FILES
+    from finetune.publish import write_upload_folder
+
+    out, _ = trained
+    assert (out / REPORT_JSON).is_file() and (out / REPORT_HTML).is_file()
+    write_upload_folder(out, "someone/digits", tmp_path / "upload", None)
+    uploaded = {p.name for p in (tmp_path / "upload").rglob("*") if p.is_file()}
+    assert not uploaded & set(LOCAL_FILES)
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "## Data check" in card and "| Likely label issues |" in card  # the counts stay
+    assert "top_losses.png" not in card and "val/digit_" not in card and "train/digit_" not in card
