@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import fashion_data  # noqa: E402
 from finetune_digits import timed_command  # noqa: E402
+from predict_speed import processes  # noqa: E402
 
 TARGETS = {"top1": 0.935, "peak_rss_gb": 3.0}
 PUBLISHED = "SVC 89.7%, small CNNs ~93-94%, ResNet-18 94.9%, wide ResNets ~96%"
@@ -61,27 +61,10 @@ def train_and_report(name: str, data: Path, run: Path, flags: list[str]) -> dict
 
 
 def predict_speed(test_dir: Path, run: Path, work: Path) -> None:
-    """img/s of `finetune.predict` over the test files with 1 and 2 processes, start-up included."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    launchers = {
-        1: [sys.executable, "-m", "finetune.predict"],
-        2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-            "-m", "finetune.predict"],
-    }  # fmt: skip
-    count = sum(1 for _ in test_dir.rglob("*.png"))
-    outputs = {}
-    for processes, launcher in launchers.items():
-        out = work / f"predict_{processes}.csv"
-        started = time.perf_counter()
-        subprocess.run(
-            [*launcher, str(test_dir), "--checkpoint", str(run), "--top-k", "1", "--quiet",
-             "--out", str(out)],
-            check=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-        seconds = time.perf_counter() - started
-        outputs[processes] = out.read_bytes()
-        print(f"predict, {processes} process(es)      {count / seconds:7.1f} img/s ({seconds:.0f} s)")
-    print(f"predict, same CSV from 1 and 2    {outputs[1] == outputs[2]}")
+    """img/s of `finetune.predict` over the test files with 1 and 2 processes (torchrun), same CSV."""
+    files = sorted(test_dir.rglob("*.png"))
+    print(f"predict over the {len(files)} test files, start-up included:")
+    processes(files, work, str(run), "auto", 32)
 
 
 def main(argv: list[str] | None = None) -> int:
