@@ -69,9 +69,10 @@ def read_trust(config: dict[str, Any], name: str = "", shape: tuple[int, int] | 
     rejector = None
     if stored_ood:
         try:
-            rejector = Rejector.from_dict(stored_ood)
-            if shape is not None and rejector.means is not None and rejector.means.shape != shape:
-                raise ValueError(f"class means of shape {rejector.means.shape}, the model has {shape}")
+            rule = Rejector.from_dict(stored_ood)
+            if shape is not None and rule.means is not None and rule.means.shape != shape:
+                raise ValueError(f"class means of shape {rule.means.shape}, the model has {shape}")
+            rejector = rule
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("Ignoring the stored OOD rule of %s (%s).", name or "this run", error)
     if not calibration and not stored_ood and name not in _told_uncalibrated:
