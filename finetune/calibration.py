@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.checkpoint import atomic_write
+
 ECE_BINS = 15
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # a T outside this means the fit went wrong, not a real model
 
@@ -103,8 +105,6 @@ def plot_reliability(
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-
-    from finetune.checkpoint import atomic_write
 
     figure = Figure(figsize=(5, 5), dpi=100)
     axes = figure.subplots()

@@ -159,7 +159,9 @@ class Classifier:
         self._shift = np.asarray(mean, np.float32).reshape(3, 1, 1) / std_array
         self._lock = threading.Lock()
         # temperature and "none of these" rule from config.json (finetune.trust); every runtime applies them
-        self.trust = read_trust(run.config, run.run_dir.name if run.run_dir else run.architecture)
+        width = getattr(run.model, "head_hidden_size", None) or getattr(run.model, "num_features", 0)
+        shape = (len(run.labels), int(width))  # what `LogitsAndFeatures` returns (timm's pre-logits size)
+        self.trust = read_trust(run.config, run.run_dir.name if run.run_dir else run.architecture, shape)
         self.reject = self.trust.rejector is not None  # callers may turn it off (--no-reject)
         self._net = LogitsAndFeatures(run.model)
         self.is_multilabel = is_multilabel(run.config)  # independent sigmoid probabilities, not softmax

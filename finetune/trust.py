@@ -48,10 +48,16 @@ class TrustSettings:
         return TrustSettings(self.temperature, rule, self.is_calibrated)
 
 
-def read_trust(config: dict[str, Any], name: str = "") -> TrustSettings:
-    """The trust settings in a run's config.json; missing or unreadable sections mean today's behaviour."""
-    studio = config.get("studio") or {}
+def read_trust(config: dict[str, Any], name: str = "", shape: tuple[int, int] | None = None) -> TrustSettings:
+    """The trust settings in a run's config.json; missing or unreadable sections mean today's behaviour.
+
+    `shape` (classes, feature size) of the model checks stored class means, so a damaged or foreign rule is
+    ignored with a warning here rather than failing every request later.
+    """
+    studio = config.get("studio") if isinstance(config.get("studio"), dict) else {}
     calibration, stored_ood = studio.get("calibration") or {}, studio.get("ood") or {}
+    calibration = calibration if isinstance(calibration, dict) else {"temperature": "not a section"}
+    stored_ood = stored_ood if isinstance(stored_ood, dict) else {"method": "not a section"}
     temperature = 1.0
     try:
         temperature = float(calibration.get("temperature", 1.0))
@@ -63,7 +69,10 @@ def read_trust(config: dict[str, Any], name: str = "") -> TrustSettings:
     rejector = None
     if stored_ood:
         try:
-            rejector = Rejector.from_dict(stored_ood)
+            rule = Rejector.from_dict(stored_ood)
+            if shape is not None and rule.means is not None and rule.means.shape != shape:
+                raise ValueError(f"class means of shape {rule.means.shape}, the model has {shape}")
+            rejector = rule
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("Ignoring the stored OOD rule of %s (%s).", name or "this run", error)
     if not calibration and not stored_ood and name not in _told_uncalibrated:
@@ -143,9 +152,10 @@ def describe_trust(summary: dict[str, Any]) -> list[str]:
 
 def card_section(config: dict[str, Any], has_reliability_png: bool = False) -> str:
     """The model card's "Confidence and unknown images" section: figures and how to apply T outside us."""
-    trust = read_trust(config, "model card")
-    if not trust.is_calibrated and trust.rejector is None:
-        return ""
+    studio = config.get("studio") or {}
+    if not studio.get("calibration") and not studio.get("ood"):
+        return ""  # a run from before calibration: the card says nothing rather than "T = 1"
+    trust = read_trust(config, "this run")
     lines = ["## Confidence and unknown images", ""]
     lines += [f"- {line}" for line in describe_trust(trust_summary(config, trust, reject=True))]
     lines.append(

@@ -25,6 +25,7 @@ from finetune.trust import LogitsAndFeatures
 logger = logging.getLogger(__name__)
 
 MAX_TRAIN_PER_CLASS = 200  # class means settle long before this; bounds the extra pass on large datasets
+MAX_TRAIN_IMAGES = 5000  # and in total (at least 5 per class): many classes must not mean a long pass
 
 
 def fit_trust(
@@ -87,11 +88,9 @@ def trust_sections(
     draw the validation reliability diagram into `reliability_png` when given."""
     targets = train.targets.numpy()
     generator = np.random.default_rng(0)
+    per_class = min(MAX_TRAIN_PER_CLASS, max(5, MAX_TRAIN_IMAGES // num_classes))
     chosen = np.concatenate(
-        [
-            generator.permutation(np.flatnonzero(targets == c))[:MAX_TRAIN_PER_CLASS]
-            for c in range(num_classes)
-        ]
+        [generator.permutation(np.flatnonzero(targets == c))[:per_class] for c in range(num_classes)]
     )
     chosen.sort()
     _, train_features = collect_outputs(model, train, mean, std, device, torch.from_numpy(chosen))

@@ -166,7 +166,7 @@ def test_batch_tab_fills_one_row_per_file(page, tmp_path: Path) -> None:
     with page.expect_download() as download:
         page.locator("#batch-csv a[href$='predictions.csv']").click()
     saved = Path(download.value.path()).read_text().splitlines()
-    assert saved[0] == "file,top-1,confidence,top-k,error" and len(saved) == len(files) + 1
+    assert saved[0] == "file,top-1,confidence,top-k,error,ood_score,unknown" and len(saved) == len(files) + 1
 
 
 def test_detect_tab_draws_boxes_lists_them_and_offers_json(page) -> None:

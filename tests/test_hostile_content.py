@@ -204,9 +204,9 @@ def test_batch_table_and_csv_keep_names_as_text_and_neutralise_formulas(
     shown = {row[0]: row for row in table["data"]}
     assert set(shown) == set(HOSTILE_FILES)  # the table shows names as they are (text cells)
     assert {row[1] for row in table["data"]} == {FORMULA}
-    assert table["headers"] == ["file", "top-1", "confidence", "top-k", "error"]
+    assert table["headers"] == ["file", "top-1", "confidence", "top-k", "error", "ood_score", "unknown"]
     rows = read_csv_cells(Path(csv_path).read_text(encoding="utf-8"))
-    assert rows[0] == ["file", "top-1", "confidence", "top-k", "error"]
+    assert rows[0] == ["file", "top-1", "confidence", "top-k", "error", "ood_score", "unknown"]
     assert_no_formula_cells(rows)
     assert sorted(row[0] for row in rows[1:]) == sorted("'" + name for name in HOSTILE_FILES)
     assert {row[1] for row in rows[1:]} == {"'" + FORMULA}

@@ -207,3 +207,19 @@ def test_accept_rate_outside_its_range_is_a_config_error(tmp_path: Path) -> None
 
     with pytest.raises(ConfigError, match="accept_rate"):
         TrainConfig(data_dir=tmp_path, out=tmp_path / "run", accept_rate=1.0)
+
+
+def test_a_damaged_ood_rule_is_ignored_with_a_warning(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from finetune.runtime import create_classifier
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_run, damaged, ignore=shutil.ignore_patterns("*.onnx", ".cache"))
+    config = json.loads((damaged / "config.json").read_text())
+    config["studio"]["ood"]["class_means"] = [[1.0, 0.0]] * 3  # not the model's feature size
+    (damaged / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="finetune.trust"):
+        classifier = create_classifier(load_run(damaged), "torch")
+    assert "Ignoring the stored OOD rule" in caplog.text and classifier.trust.rejector is None
+    assert classifier.trust.is_calibrated and classifier.predict([photo("chelsea")], k=1)[0].unknown is None
