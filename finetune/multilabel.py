@@ -1,10 +1,9 @@
 """Multi-label models: the sigmoid/BCE objective, per-label thresholds and the mAP / F1 metrics, in one place.
 
 A multi-label run is an ordinary run whose outputs are independent logits, one per label, read through a
-sigmoid: an image may show several labels or none. The trainer (finetune/trainer.py) calls `MultiLabelTask`
-at the few points where single-label training uses softmax cross-entropy: the probe's loss, the fine-tuning
-loss, validation scores and the final reports. Inference needs only `is_multilabel(config)` and
-`thresholds_of(config)`: what the run stores under `studio.multilabel` in config.json.
+sigmoid: an image may show several labels or none. Training (finetune/multilabel_train.py) and every reader
+of runs use what is here; inference needs only `is_multilabel(config)`, `sigmoid` and `thresholds_of(config)`:
+what the run stores under `studio.multilabel` in config.json.
 
 Scores: mAP is the mean over labels of average precision (scikit-learn's step-wise definition, no
 interpolation); it ranks, so it chooses the kept weights without any threshold. Each label's threshold is then
@@ -16,23 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
 
 from finetune.checkpoint import atomic_write, write_json
-from finetune.data import CachedImages
-from finetune.distributed import DistContext
-from finetune.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5  # for a label with no positive validation image to fit one on
-MAX_POS_WEIGHT = 10.0
 REPORT_JSON = "classification_report.json"  # the names single-label runs use, so tools find them
 REPORT_TEXT = "classification_report.txt"
 PR_CURVES_PNG = "pr_curves.png"
@@ -62,9 +54,6 @@ def labels_above(probs: np.ndarray, thresholds: np.ndarray, labels: Sequence[str
         chosen = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
         result.append([labels[i] for i in chosen])
     return result
-
-
-# --- metrics -------------------------------------------------------------------------------------------
 
 
 def average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -230,183 +219,3 @@ def plot_pr_curves(
     axis.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-# --- training ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MultiLabelEval:
-    """Validation scores of a multi-label model (F1 at 0.5 while training; fitted thresholds at the end)."""
-
-    loss: float
-    mean_ap: float
-    micro_f1: float
-    macro_f1: float
-    count: int
-    probs: np.ndarray
-    targets: np.ndarray
-
-    def row(self) -> dict[str, float]:
-        """The history-row fields (metrics.json, curves.png, the CLI's epoch line)."""
-        return {
-            "val_loss": self.loss, "val_map": self.mean_ap, "val_micro_f1": self.micro_f1,
-            "val_macro_f1": self.macro_f1,
-        }  # fmt: skip
-
-
-def scores_of(
-    logits: torch.Tensor, targets: torch.Tensor, thresholds: np.ndarray | None = None
-) -> MultiLabelEval:
-    """Loss (plain BCE summed over labels, the same for every phase), mAP and F1 of logits against targets."""
-    if len(targets) == 0:
-        empty = np.zeros((0, logits.shape[1]))
-        return MultiLabelEval(0.0, 0.0, 0.0, 0.0, 0, empty, empty)
-    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum").item() / len(targets)
-    probs, array = torch.sigmoid(logits).numpy(), targets.numpy()
-    cut = np.full(probs.shape[1], DEFAULT_THRESHOLD) if thresholds is None else thresholds
-    report = multilabel_report(array, probs, cut, [str(i) for i in range(probs.shape[1])])
-    scores = summary(report)
-    return MultiLabelEval(
-        loss, scores["mAP"], scores["micro_f1"], scores["macro_f1"], len(targets), probs, array
-    )
-
-
-@torch.inference_mode()
-def evaluate(
-    model: torch.nn.Module,
-    data: CachedImages,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    precision: Any,
-    dist: DistContext,
-    batch_size: int = 64,
-) -> MultiLabelEval:
-    """Scores over the whole of `data`: each process scores its share, then the logits are gathered (AP
-    ranks all images together, so it cannot be summed per process like accuracy)."""
-    from finetune.augment import normalize
-    from finetune.engine import to_device
-
-    model.eval()
-    parts = []
-    for index in torch.split(dist.share(len(data)), batch_size):
-        pixels = to_device(data.pixels[index], precision.device)
-        with precision.autocast():
-            parts.append(model(normalize(pixels, mean, std)).float().cpu())
-    logits = torch.cat(parts) if parts else torch.zeros(0, data.targets.shape[1])
-    return scores_of(dist.all_gather_rows(logits, len(data)), data.targets)
-
-
-def fit_probe(
-    features: torch.Tensor, targets: torch.Tensor, epochs: int, loss_fn: torch.nn.Module, seed: int = 0
-) -> torch.nn.Linear:
-    """A linear multi-label head on frozen features, trained on the fine-tuning loss (AdamW + cosine)."""
-    generator = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(features.shape[1], targets.shape[1])
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch_size, count = 256, len(targets)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * -(-count // 256)))
-    for _ in range(epochs):
-        for index in torch.split(torch.randperm(count, generator=generator), batch_size):
-            loss = loss_fn(head(features[index]), targets[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return head
-
-
-def positive_weights(counts: np.ndarray, total: int) -> torch.Tensor:
-    """Class-balanced positive weights: sqrt(negatives / positives) per label, between 1 and MAX_POS_WEIGHT.
-
-    The square root (rather than the full ratio) lifts rare labels' gradients without making the model call
-    them everywhere; the fitted thresholds then set each label's operating point.
-    """
-    positives = np.maximum(counts, 1).astype(np.float64)
-    ratio = np.sqrt(np.maximum(total - counts, 1) / positives)
-    return torch.tensor(np.clip(ratio, 1.0, MAX_POS_WEIGHT), dtype=torch.float32)
-
-
-def make_loss(kind: str, pos_weight: torch.Tensor | None) -> torch.nn.Module:
-    """timm's BinaryCrossEntropy (summed over labels, like cross-entropy's scale) or asymmetric loss."""
-    from timm.loss import AsymmetricLossMultiLabel, BinaryCrossEntropy
-
-    if kind == "asl":
-        return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05, pos_weight=pos_weight)
-    return BinaryCrossEntropy(smoothing=0.0, pos_weight=pos_weight, sum_classes=True)
-
-
-class MultiLabelTask:
-    """What multi-label training does differently: targets, loss, probe, validation, thresholds, reports."""
-
-    def __init__(self, labels: Sequence[str], loss: str = "bce") -> None:
-        self.labels = list(labels)
-        self.loss = loss
-        self.pos_weight: torch.Tensor | None = None
-
-    def attach_targets(
-        self, caches: dict[str, CachedImages], label_sets: dict[Path, tuple[int, ...]], data_dir: Path
-    ) -> list[str]:
-        """Give each cache (N, L) multi-hot targets; refuse a label with no usable training image; warn."""
-        for cache in caches.values():
-            from finetune.labels_csv import multi_hot
-
-            cache.targets = multi_hot([label_sets[path] for path in cache.paths], len(self.labels))
-        train = caches["train"].targets.sum(dim=0)
-        missing = [name for name, n in zip(self.labels, train.tolist(), strict=True) if n == 0]
-        if missing:
-            raise DatasetError(
-                f"label(s) {', '.join(repr(n) for n in missing[:10])} in '{data_dir}' have no usable "
-                "training image (their files could not be read); add readable images."
-            )
-        val = caches["val"].targets.sum(dim=0)
-        absent = [name for name, n in zip(self.labels, val.tolist(), strict=True) if n == 0]
-        if absent:
-            return [
-                f"label(s) {', '.join(repr(n) for n in absent[:10])} have no validation image: their AP and "
-                "threshold cannot be measured (threshold 0.5) and macro averages leave them out; add images."
-            ]
-        return []
-
-    def set_balance(self, mode: str, counts: np.ndarray, total: int) -> str:
-        """Positive weights for rare labels under 'auto' (when some label is 3x rarer than not) and 'loss'."""
-        weights = positive_weights(counts, total)
-        if mode == "sampler":
-            logger.warning("--balance sampler draws by class, which multi-label data lacks; using loss")
-            mode = "loss"
-        if mode == "auto":
-            mode = "loss" if float(weights.max()) ** 2 >= 3 else "none"
-        self.pos_weight = weights if mode == "loss" else None
-        return mode
-
-    def loss_fn(self, device: torch.device) -> torch.nn.Module:
-        weight = None if self.pos_weight is None else self.pos_weight.to(device)
-        return make_loss(self.loss, weight).to(device)
-
-    def studio(self, thresholds: np.ndarray | None = None) -> dict[str, Any]:
-        """What config.json stores (`studio.multilabel`): thresholds by label, loss, positive weights."""
-        cut = np.full(len(self.labels), DEFAULT_THRESHOLD) if thresholds is None else thresholds
-        weights = None if self.pos_weight is None else [round(float(w), 4) for w in self.pos_weight]
-        return {
-            "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, cut, strict=True)},
-            "loss": self.loss,
-            "pos_weight": weights,
-            "activation": "sigmoid",
-            "thresholds_fitted_on": None if thresholds is None else "validation, maximising each label's F1",
-        }
-
-    def finish(self, out_dir: Path, result: MultiLabelEval, prefix: str = "") -> dict[str, Any]:
-        """Fit thresholds on validation, write the reports; returns the metrics for config.json."""
-        thresholds = fit_thresholds(result.targets, result.probs)
-        report = write_reports(out_dir, result.targets, result.probs, thresholds, self.labels, prefix)
-        scores = summary(report)
-        return {
-            "thresholds": thresholds,
-            "metrics": {
-                "val_map": scores["mAP"], "val_micro_f1": scores["micro_f1"],
-                "val_macro_f1": scores["macro_f1"], "val_loss": result.loss,
-                "selected_on": "validation mAP, then validation loss",
-            },
-        }  # fmt: skip

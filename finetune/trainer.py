@@ -24,7 +24,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from finetune import checkpoint, labels_csv, multilabel, reports
+from finetune import checkpoint, labels_csv, multilabel_train, reports
 from finetune.budget import MIN_FINETUNE_STEPS, StepCosts, affordable_steps, warmup_steps
 from finetune.config import TrainConfig
 from finetune.data import (
@@ -117,7 +117,7 @@ class _Run:
     test: CachedImages | None = None  # a test/ folder: evaluated once at the end, never used to choose
     plan: RecipePlan | None = None  # resolution and frozen groups `auto` chose (finetune/recipe.py)
     class_weights: torch.Tensor | None = None
-    multilabel: multilabel.MultiLabelTask | None = None  # a labels CSV: sigmoid outputs (multilabel.py)
+    multilabel: multilabel_train.MultiLabelTask | None = None  # a labels CSV: sigmoid outputs
     sample_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)  # metrics row of the best checkpoint so far
@@ -215,7 +215,7 @@ def _prepare(
             )  # fmt: skip
     bad = [file for cache in caches.values() for file in cache.bad_files]
     task = (
-        multilabel.MultiLabelTask(split.classes, config.multilabel_loss)
+        multilabel_train.MultiLabelTask(split.classes, config.multilabel_loss)
         if isinstance(split, labels_csv.MultiLabelSplit)
         else None
     )
@@ -397,7 +397,7 @@ def _linear_probe(run: _Run) -> bool:
         return True
     if run.multilabel is not None:
         loss = run.multilabel.loss_fn(torch.device("cpu"))
-        head = multilabel.fit_probe(
+        head = multilabel_train.fit_probe(
             train_features, train.targets, run.config.probe_epochs, loss, run.config.seed
         )
     else:
@@ -416,8 +416,8 @@ def _linear_probe(run: _Run) -> bool:
         classifier.bias.copy_(head.bias)
     if run.multilabel is not None:
         with torch.no_grad():
-            result = multilabel.scores_of(head(val_features), run.val.targets)
-            train_result = multilabel.scores_of(head(train_features), train.targets)
+            result = multilabel_train.scores_of(head(val_features), run.val.targets)
+            train_result = multilabel_train.scores_of(head(train_features), train.targets)
         train_fields = {"train_loss": train_result.loss, "train_map": train_result.mean_ap}
     else:
         result = probe_metrics(head, val_features, run.val.targets)
@@ -537,7 +537,9 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         run.dist.broadcast_(list(eval_model.buffers()))
         evaluating = time.perf_counter()
         if run.multilabel is not None:
-            result = multilabel.evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
+            result = multilabel_train.evaluate(
+                eval_model, run.val, run.mean, run.std, run.precision, run.dist
+            )
         else:
             result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
         row = _history_row(run, "finetune", epoch, result, train_metrics)
@@ -733,9 +735,13 @@ def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 def _history_row(
-    run: _Run, phase: str, epoch: int, result: EvalResult | multilabel.MultiLabelEval, train: dict[str, float]
+    run: _Run,
+    phase: str,
+    epoch: int,
+    result: EvalResult | multilabel_train.MultiLabelEval,
+    train: dict[str, float],
 ) -> dict[str, Any]:
-    if isinstance(result, multilabel.MultiLabelEval):
+    if isinstance(result, multilabel_train.MultiLabelEval):
         scores = result.row()
     else:
         scores = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5}
@@ -861,7 +867,7 @@ def _finish_multilabel(
     if run.dist.is_main:
         model = checkpoint.load_run(run.run_dir, device=run.dist.device).model
         fp32, alone = Precision(run.dist.device, None), DistContext(device=run.dist.device)
-        result = multilabel.evaluate(model, run.val, run.mean, run.std, fp32, alone)
+        result = multilabel_train.evaluate(model, run.val, run.mean, run.std, fp32, alone)
         finished = run.multilabel.finish(run.run_dir, result)
         studio["multilabel"] = run.multilabel.studio(finished["thresholds"])
         studio["metrics"].update(finished["metrics"], interrupted=interrupted)
