@@ -845,13 +845,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
                                      len(run.labels), run.config.accept_rate,
                                      run.run_dir / "reliability.png"))  # fmt: skip
         studio["metrics"]["interrupted"] = interrupted
-        studio["metrics"]["wall_s"] = time.perf_counter() - run.started
-        checkpoint.save_run(run.run_dir, best.model, run.labels, run.data_config, studio)
-        reports.write_history(run.run_dir, run.history)
-        write_model_card(run.run_dir)
-        if not interrupted:
-            state = checkpoint.load_train_state(run.run_dir)
-            checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
+        _save_final(run, best.model, studio, interrupted)
     run.dist.barrier()
     run.emit(TrainEvent("done", metrics=studio["metrics"]))
     return TrainResult(
@@ -871,17 +865,23 @@ def _finish_multilabel(
         finished = run.multilabel.finish(run.run_dir, result)
         studio["multilabel"] = run.multilabel.studio(finished["thresholds"])
         studio["metrics"].update(finished["metrics"], interrupted=interrupted)
-        studio["metrics"]["wall_s"] = time.perf_counter() - run.started
-        checkpoint.save_run(run.run_dir, model, run.labels, run.data_config, studio)
-        reports.write_history(run.run_dir, run.history)
-        write_model_card(run.run_dir)
-        if not interrupted:
-            state = checkpoint.load_train_state(run.run_dir)
-            checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
+        _save_final(run, model, studio, interrupted)
     run.dist.barrier()
     run.emit(TrainEvent("done", metrics=studio["metrics"]))
     metrics = studio["metrics"]
     return TrainResult(run.run_dir, metrics, run.history, metrics["strategy_used"], interrupted, bad)
+
+
+def _save_final(run: _Run, model: torch.nn.Module, studio: dict[str, Any], interrupted: bool) -> None:
+    """The kept model with its final metrics (`wall_s` is the whole run), history, card, and the state
+    marked finished so a --resume says so instead of training again."""
+    studio["metrics"]["wall_s"] = time.perf_counter() - run.started
+    checkpoint.save_run(run.run_dir, model, run.labels, run.data_config, studio)
+    reports.write_history(run.run_dir, run.history)
+    write_model_card(run.run_dir)
+    if not interrupted:
+        state = checkpoint.load_train_state(run.run_dir)
+        checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
 
 
 def _test_metrics(run: _Run, model: torch.nn.Module, precision: Precision) -> dict[str, Any]:
