@@ -260,3 +260,33 @@ def test_training_on_a_cache_larger_than_the_memory_limit(tmp_path: Path) -> Non
     on_disk = sum(p.stat().st_size for p in (tmp_path / "run" / ".cache").glob("*.npy"))
     assert on_disk > cache_bytes > 2 * headroom
     assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 3 * val_per_class
+
+
+def _rss_file_mb() -> float:
+    """Resident pages of file mappings in this process (the cache's pages count here once touched)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssFile:")[1].split()[0]) / 1024
+
+
+def test_reading_the_cache_does_not_grow_resident_memory(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """An epoch over a memory-mapped cache touches every page; released every few MB, RSS stays flat."""
+    import numpy as np
+
+    from finetune import data
+
+    path = tmp_path / "cache.npy"
+    pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(256, 3, 128, 128))  # 12 MB
+    pixels[:] = 7
+    pixels.flush()
+    del pixels
+
+    def epoch_growth(release_every: int) -> float:
+        monkeypatch.setattr(data, "RELEASE_EVERY_BYTES", release_every)
+        cached = data.CachedPixels(np.load(path, mmap_mode="r"), np.arange(256))
+        before = _rss_file_mb()
+        for index in torch.split(torch.randperm(256), 16):
+            assert int(cached[index][0, 0, 0, 0]) == 7
+        return _rss_file_mb() - before
+
+    assert epoch_growth(release_every=2**40) > 10  # never released: the whole 12 MB cache is resident
+    assert epoch_growth(release_every=2**20) < 3  # released every MB: about a MB at a time
