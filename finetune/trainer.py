@@ -35,6 +35,7 @@ from finetune.data import (
     scan_dataset,
     write_bad_files,
 )
+from finetune.decode_budget import return_freed_memory
 from finetune.distributed import DistContext, init_distributed
 from finetune.engine import (
     EpochSettings,
@@ -821,6 +822,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     or in that choice, so its scores are the unbiased estimate.
     """
     bad = [file for cache in (run.train, run.val, run.test) if cache is not None for file in cache.bad_files]
+    return_freed_memory()  # the heap training fragmented goes back to the OS before the closing passes
     if not run.best:
         return TrainResult(run.run_dir, {}, run.history, "none", interrupted, bad)
     studio = _studio(run)

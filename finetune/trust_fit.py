@@ -20,6 +20,7 @@ from finetune import ood
 from finetune.augment import normalize
 from finetune.calibration import calibration_figures, fit_temperature, plot_reliability, softmax_t
 from finetune.data import CachedImages
+from finetune.engine import to_device
 from finetune.trust import LogitsAndFeatures
 
 logger = logging.getLogger(__name__)
@@ -59,14 +60,17 @@ def collect_outputs(
     std: tuple[float, ...],
     device: torch.device,
     index: torch.Tensor | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """fp32 logits and penultimate features of cached images (all, or `index`), as inference computes them."""
+    """fp32 logits and penultimate features of cached images (all, or `index`), as inference computes them.
+
+    Half the evaluation's batch: this pass runs at the end of training beside the trained model and the kept
+    one, and must not be the run's memory peak."""
     net = LogitsAndFeatures(model).eval()
     rows = torch.arange(len(data)) if index is None else index
     logits, features = [], []
     for chunk in torch.split(rows, batch_size):
-        pixels = data.pixels[chunk].to(device)
+        pixels = to_device(data.pixels[chunk], device)  # channels_last, as evaluation (no reorder copies)
         chunk_logits, chunk_features = net(normalize(pixels, mean, std))
         logits.append(chunk_logits.float().cpu())
         features.append(chunk_features.float().cpu())
