@@ -128,7 +128,11 @@ def describe_trust(summary: dict[str, Any]) -> list[str]:
     if summary.get("is_calibrated"):
         line = f"Confidence: calibrated on the validation split (temperature {summary['temperature']:.2f}"
         if "ece_before" in summary and "ece_after" in summary:
-            line += f"; ECE {summary['ece_before']:.1%} -> {summary['ece_after']:.1%}"
+            # T was fitted on these images: `finetune.evaluate` on held-out images gives an unbiased ECE
+            line += (
+                f"; ECE {summary['ece_before']:.1%} -> {summary['ece_after']:.1%} on those same images, "
+                "so the second figure is optimistic"
+            )
         lines = [line + ")."]
     else:
         lines = ["Confidence: raw softmax (no calibration stored for this model)."]
