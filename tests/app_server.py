@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -47,3 +48,22 @@ def serve(
     """`launched`, yielding only the app's URL."""
     with launched(service, vision, **launch_options) as demo:
         yield demo.local_url
+
+
+@contextmanager
+def studio_with_training(data_dir: Path) -> Iterator[tuple[str, TrainingManager]]:
+    """The whole app (embedded model, Train and Teach tabs) on 127.0.0.1 with runs kept in `data_dir`:
+    (its URL, its training manager), closed afterwards. For browser tests that train."""
+    from demo.train_tab import serve_trained_runs
+
+    service = InferenceService.from_checkpoint(None)
+    manager = TrainingManager(data_dir)
+    serve_trained_runs(manager, service)
+    demo = app.build_app(service, trainer=manager)
+    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
+    try:
+        yield demo.local_url, manager
+    finally:
+        demo.close()
+        manager.close()
+        service.close()

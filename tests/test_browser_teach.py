@@ -16,13 +16,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from app_server import free_port
+from app_server import studio_with_training
 from test_browser import TIMEOUT_MS, VIEWPORT, browser, screenshot  # noqa: F401 (browser is a fixture)
 
-import app
-from demo.service import InferenceService
 from demo.teach_tab import store_root
-from demo.train_tab import serve_trained_runs
 from demo.training_jobs import TrainingManager
 
 pytestmark = pytest.mark.browser
@@ -30,17 +27,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TrainingManager]]:
-    service = InferenceService.from_checkpoint(None)
-    manager = TrainingManager(tmp_path_factory.mktemp("teach-browser") / "studio-data")
-    serve_trained_runs(manager, service)
-    demo = app.build_app(service, trainer=manager)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
-    try:
-        yield demo.local_url, manager
-    finally:
-        demo.close()
-        manager.close()
-        service.close()
+    with studio_with_training(tmp_path_factory.mktemp("teach-browser") / "studio-data") as served:
+        yield served
 
 
 def counts(page) -> dict[str, int]:

@@ -11,31 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_server import free_port
+from app_server import studio_with_training
 from test_browser import TIMEOUT_MS, VIEWPORT, browser, screenshot  # noqa: F401 (browser is a fixture)
 from train_data import held_out_image, photo_zip
-
-import app
-from demo.service import InferenceService
-from demo.train_tab import serve_trained_runs
-from demo.training_jobs import TrainingManager
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    service = InferenceService.from_checkpoint(None)
-    manager = TrainingManager(tmp_path_factory.mktemp("browser") / "studio-data")
-    serve_trained_runs(manager, service)
-    demo = app.build_app(service, trainer=manager)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
-        manager.close()
-        service.close()
+    with studio_with_training(tmp_path_factory.mktemp("browser") / "studio-data") as (local_url, _):
+        yield local_url
 
 
 def test_train_tab_trains_shows_progress_and_the_new_model_classifies(
