@@ -102,7 +102,7 @@ class DatasetSplit:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
-RELEASE_EVERY_BYTES = 256 * 2**20  # cache pages read (or written) between two releases
+RELEASE_EVERY_BYTES = 64 * 2**20  # cache pages read (or written) between two releases
 
 
 def release_pages(array: np.ndarray) -> None:
@@ -126,10 +126,12 @@ class CachedPixels:
     a training run holds one batch of pixels, whatever the size of the dataset.
     """
 
-    def __init__(self, array: np.ndarray, keep: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, keep: np.ndarray, reads: list[int] | None = None) -> None:
         self._array = array  # every decoded slot, failed files included; `keep` picks the good rows
         self._keep = keep
-        self._read_since_release = 0
+        # bytes read since the last release, one counter shared by every view of this array (a probe sample,
+        # a training subset): each view counting alone would let each hold its own share of mapped pages
+        self._reads = reads if reads is not None else [0]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -145,15 +147,15 @@ class CachedPixels:
         if np.ndim(rows) == 0:
             return torch.from_numpy(np.array(self._array[int(rows)]))
         batch = self._array[np.asarray(rows, dtype=np.int64)]  # fancy indexing copies
-        self._read_since_release += batch.nbytes
-        if self._read_since_release >= RELEASE_EVERY_BYTES:
-            self._read_since_release = 0
+        self._reads[0] += batch.nbytes
+        if self._reads[0] >= RELEASE_EVERY_BYTES:
+            self._reads[0] = 0
             release_pages(self._array)
         return torch.from_numpy(batch)
 
     def subset(self, indices: np.ndarray) -> CachedPixels:
         """A view of some of the rows (no pixel is copied)."""
-        return CachedPixels(self._array, self._keep[indices])
+        return CachedPixels(self._array, self._keep[indices], self._reads)
 
 
 @dataclass

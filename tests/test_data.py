@@ -290,3 +290,26 @@ def test_reading_the_cache_does_not_grow_resident_memory(tmp_path: Path, monkeyp
 
     assert epoch_growth(release_every=2**40) > 10  # never released: the whole 12 MB cache is resident
     assert epoch_growth(release_every=2**20) < 3  # released every MB: about a MB at a time
+
+
+def test_views_of_one_cache_share_the_page_release(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A probe sample and the training set are views of one mapping: reads through either count toward
+    one release, so many views cannot each keep their own share of mapped pages."""
+    import numpy as np
+
+    from finetune import data
+
+    path = tmp_path / "cache.npy"
+    pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(64, 3, 64, 64))  # 768 KB
+    pixels[:] = 3
+    pixels.flush()
+    del pixels
+    monkeypatch.setattr(data, "RELEASE_EVERY_BYTES", 3 * 64 * 64 * 40)  # 40 rows: more than one view holds
+    released = []
+    monkeypatch.setattr(data, "release_pages", lambda array: released.append(len(array)))
+    whole = data.CachedPixels(np.load(path, mmap_mode="r"), np.arange(64))
+    views = [whole.subset(np.arange(0, 32)), whole.subset(np.arange(32, 64))]
+    for start in range(0, 32, 4):  # four rows through each view in turn: 64 rows read in all
+        for view in views:
+            assert int(view[torch.arange(start, start + 4)][0, 0, 0, 0]) == 3
+    assert len(released) == 1  # 64 rows read through the two views: one release (none if each counted alone)
