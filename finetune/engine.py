@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -192,7 +192,12 @@ def probe_metrics(head: torch.nn.Linear, features: torch.Tensor, targets: torch.
     """Validation metrics of a probe head on precomputed features."""
     with torch.no_grad():
         logits = head(features)
-    return _metrics_from_logits(logits, targets, keep_predictions=True)
+    return logits_metrics(logits, targets)
+
+
+def logits_metrics(logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+    """Loss, top-1/5, predictions and logits from logits already computed (one pass serves several uses)."""
+    return replace(_metrics_from_logits(logits, targets, keep_predictions=True), logits=logits)
 
 
 @dataclass(frozen=True)

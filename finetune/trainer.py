@@ -48,6 +48,7 @@ from finetune.engine import (
     evaluate,
     extract_features,
     fit_linear_probe,
+    logits_metrics,
     probe_metrics,
     resolve_precision,
     train_one_epoch,
@@ -70,7 +71,7 @@ from finetune.split import (
     warn_about_classes,
     write_split,
 )
-from finetune.trust_fit import trust_sections
+from finetune.trust_fit import collect_outputs, trust_sections
 
 logger = logging.getLogger(__name__)
 
@@ -832,8 +833,9 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
         best = checkpoint.load_run(run.run_dir, device=run.dist.device)
         # fp32 so the stored score is what `finetune.evaluate` reproduces from the saved files
         fp32 = Precision(run.dist.device, None)
-        result = evaluate(best.model, run.val, run.mean, run.std, fp32, DistContext(device=run.dist.device),
-                          keep_predictions=True)  # fmt: skip
+        # one fp32 pass over validation serves the reports and the calibration / "none of these" fit
+        val_outputs = collect_outputs(best.model, run.val, run.mean, run.std, run.dist.device)
+        result = logits_metrics(torch.from_numpy(val_outputs[0]), run.val.targets)
         matrix = reports.confusion_matrix(
             result.targets.tolist(), result.predictions.tolist(), len(run.labels)
         )
@@ -845,7 +847,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
             studio["metrics"].update(_test_metrics(run, best.model, fp32))
         studio.update(trust_sections(best.model, run.train, run.val, run.mean, run.std, run.dist.device,
                                      len(run.labels), run.config.accept_rate,
-                                     run.run_dir / "reliability.png"))  # fmt: skip
+                                     run.run_dir / "reliability.png", val_outputs))  # fmt: skip
         studio["metrics"]["interrupted"] = interrupted
         _save_final(run, best.model, studio, interrupted)
     run.dist.barrier()
