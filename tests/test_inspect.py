@@ -318,3 +318,35 @@ def test_published_folder_leaves_the_data_report_out_and_its_card_names_no_file(
     card = (tmp_path / "upload" / "README.md").read_text()
     assert "## Data check" in card and "| Likely label issues |" in card  # the counts stay
     assert "top_losses.png" not in card and "val/digit_" not in card and "train/digit_" not in card
+
+
+def test_neighbours_of_a_large_set_are_searched_on_principal_directions_and_rescored_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above EXACT_SEARCH_UP_TO images the search runs on a few directions; what it returns must still be
+    the exact cosines, the planted copies must still be each other's first neighbour, and the neighbour
+    lists must mostly agree with the exact search (real features: sklearn's digits, 64 pixels each)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from finetune import data_health
+
+    digits = torch.tensor(load_digits().data, dtype=torch.float32)
+    copies = digits[:20] + 0.05 * torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
+    features = torch.cat([digits, copies])  # rows 1797.. are near copies of rows 0..19
+    exact = data_health.nearest_neighbours(features)
+    monkeypatch.setattr(data_health, "EXACT_SEARCH_UP_TO", 500)
+    monkeypatch.setattr(data_health, "SEARCH_DIMS", 16)
+    torch.manual_seed(0)  # torch.pca_lowrank starts from random vectors
+    searched = data_health.nearest_neighbours(features)
+
+    unit = torch.nn.functional.normalize(features, dim=1)
+    true = (unit[:, None, :] * unit[searched.index]).sum(dim=2)
+    assert torch.allclose(searched.similarity, true, atol=1e-5)  # exact cosines, best first
+    assert bool((searched.similarity[:, :-1] >= searched.similarity[:, 1:]).all())
+    assert searched.index[:20, 0].tolist() == list(range(1797, 1817))  # each copy found first
+    assert searched.index[1797:, 0].tolist() == list(range(20))
+    pairs = zip(exact.index.tolist(), searched.index.tolist(), strict=True)
+    overlap = sum(len(set(a) & set(b)) for a, b in pairs)
+    assert overlap / (10 * len(features)) > 0.85  # 0.92 here with 16 of 64 directions
+    assert not bool((searched.index == torch.arange(len(features))[:, None]).any())  # never itself
