@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,9 +178,46 @@ def test_predict_and_evaluate_give_the_one_file_at_a_time_labels(trained: tuple[
     assert metrics["top1"] == pytest.approx(sum(map(str.__eq__, expected, truth)) / len(files))
 
 
+def _torchrun_standalone(args: list[str], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """One machine, two processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    command = [*launcher, "-m", "finetune.predict", *args]
+    return [subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)]
+
+
+def _torchrun_two_nodes(args: list[str], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """Two "machines": two torchrun agents meeting at a c10d rendezvous, as `--nnodes=2` runs on two hosts
+    (here both on 127.0.0.1, sharing the output folder as machines would share a filesystem)."""
+    from app_server import free_port
+
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-id=predict-test",
+    ]
+    command = [*launcher, "-m", "finetune.predict", *args]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=env) for _ in range(2)]  # fmt: skip
+    finished = []
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        finished.append(subprocess.CompletedProcess(command, node.returncode, out, err))
+    return finished
+
+
 @pytest.mark.distributed
-def test_torchrun_predict_writes_the_one_process_csv(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """Two processes shard the files and join their parts: the same bytes as one process writes."""
+@pytest.mark.parametrize(
+    "launch", [_torchrun_standalone, _torchrun_two_nodes], ids=["2-processes", "2-nodes"]
+)
+def test_torchrun_predict_writes_the_one_process_csv(
+    trained: tuple[Path, Path], tmp_path: Path, launch: Callable
+) -> None:
+    """Processes (one machine, or two nodes) shard the files and join their parts: the one-process CSV."""
     import os
 
     run_dir, val_dir = trained
@@ -188,13 +226,9 @@ def test_torchrun_predict_writes_the_one_process_csv(trained: tuple[Path, Path],
             "--top-k", "2", "--batch-size", "4", "--quiet"]  # fmt: skip
     single = run_module("finetune.predict", *args, "--out", str(tmp_path / "one.csv"))
     assert single.returncode == 0, single.stderr[-2000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    sharded = subprocess.run(
-        [*launcher, "-m", "finetune.predict", *args, "--out", str(tmp_path / "two.csv")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
-    )  # fmt: skip
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for finished in launch([*args, "--out", str(tmp_path / "two.csv")], env):
+        assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = (list(csv.DictReader((tmp_path / name).open())) for name in ("one.csv", "two.csv"))
     # float sums differ by ~1e-7 between thread counts (1 per process here, 2 in the single process), and the
     # temperature (< 1) scales logit differences up: numbers agree to 1e-5, everything else exactly
