@@ -239,6 +239,41 @@ def test_onnx_serves_the_same_independent_probabilities(trained):
     assert json.loads(onnx.metadata["studio.multilabel_thresholds"]) == thresholds
 
 
+def test_int8_export_is_checked_on_the_csv_split_by_the_labels_it_answers(trained, capsys):
+    pytest.importorskip("onnxruntime")
+    from finetune.checkpoint import load_run
+    from finetune.export import main
+    from finetune.multilabel import labels_above, thresholds_of
+    from finetune.quantize import INT8_FILE, read_int8_report
+    from finetune.runtime import create_classifier
+
+    csv_path, run_dir = trained
+    copy = run_dir.parent / "int8_run"
+    shutil.copytree(run_dir, copy, dirs_exist_ok=True)
+    assert main([str(copy), "--int8", "--quiet"]) == 0
+    assert "same labels as FP32 on" in capsys.readouterr().out
+    run = load_run(copy)
+    int8 = create_classifier(run, "onnx-int8")
+    assert int8.onnx_path == copy / INT8_FILE and int8.is_multilabel
+    thresholds = json.loads((copy / "config.json").read_text())["studio"]["multilabel"]["thresholds"]
+    assert json.loads(int8.metadata["studio.multilabel_thresholds"]) == thresholds
+    report = read_int8_report(int8)
+    record = read_csv_split(copy)
+    assert record is not None and report is not None
+    # calibrated and checked on the run's own CSV split, not on photos, and judged by the label sets
+    assert report.source == "held-out validation images" and report.answer == "labels"
+    assert report.n_images == len(record.split.val) and report.n_calibration == len(record.split.train)
+    assert report.fp32_top1 is not None and report.int8_top1 is not None  # micro-F1 of each
+    images = [Image.open(p).convert("RGB") for p in sorted((csv_path.parent / "images").glob("*.png"))]
+    fp32 = create_classifier(run, "onnx")
+    expected, actual = fp32.predict_probs(images), int8.predict_probs(images)
+    assert not np.array_equal(expected, actual)  # really the quantized model
+    cut = thresholds_of(run.config, run.labels)
+    fp32_answers = labels_above(expected, cut, run.labels)
+    same = [a == b for a, b in zip(fp32_answers, labels_above(actual, cut, run.labels), strict=True)]
+    assert np.mean(same) >= 0.9
+
+
 def test_timm_local_dir_and_the_card_carry_the_multilabel_head(trained):
     import timm
     import torch
