@@ -337,6 +337,10 @@ def test_app_answers_with_every_label_above_its_threshold(trained, tmp_path):
                 assert set(filter(None, row[-1].split("; "))) == present
             _, _, caption = client.predict(handle_file(images[0]), "two", 0.5, api_name="/explain")
             assert "Explaining **two**" in caption
+        from demo.classify_tab import model_card
+
+        card = model_card(service.info())  # the panel beside the answer: sigmoids, not a softmax
+        assert "independent sigmoid probability per label" in card and "softmax" not in card
     finally:
         service.close()
 
