@@ -118,6 +118,20 @@ def test_metrics_match_scikit_learn():
     assert scores["macro_f1"] == pytest.approx(metrics.f1_score(targets, predicted, average="macro"))
 
 
+def test_auto_trains_small_multilabel_images_at_native_size_for_more_updates():
+    from finetune.multilabel_train import MAX_EPOCHS, TARGET_STEPS, plan_resolution, wanted_steps
+    from finetune.recipe import RecipePlan
+
+    small = RecipePlan(128, -1, "128 px: about twice the size of small images; first half frozen (speed)")
+    plan = plan_resolution(small, native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (224, -1)  # the freezing decision is kept
+    assert plan.reason.startswith("224 px: native size") and plan.reason.endswith("first half frozen (speed)")
+    assert plan_resolution(small, native_size=224, img_size=128) is small  # --img-size wins
+    assert wanted_steps(4 * 75, steps_per_epoch=75) == 75 * -(-TARGET_STEPS // 75)  # whole epochs
+    assert wanted_steps(4 * 500, steps_per_epoch=500) == 4 * 500  # never fewer than single-label
+    assert wanted_steps(4, steps_per_epoch=1) == MAX_EPOCHS
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(labels.csv, run folder): one fine-tuning epoch through `python -m finetune labels.csv --out RUN`."""
