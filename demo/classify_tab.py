@@ -18,6 +18,7 @@ import gradio as gr
 from demo.model_picker import ModelView
 from demo.service import InferenceService, ModelInfo
 from demo.ui import check_number, image_source, user_errors
+from finetune import multilabel_card
 from finetune.inference import Prediction
 from finetune.safe_text import escape_markdown, markdown_code
 from finetune.trust import describe_trust
@@ -120,7 +121,10 @@ def model_card(info: ModelInfo) -> str:
         f"**Weights:** {markdown_code(info.weights_source)}",
         f"**Loaded from:** {_source_name(info.source)}",
     ]
-    lines.extend(describe_trust(info.trust))  # our numbers and a method name from finetune.ood.METHODS only
+    if info.is_multilabel:  # sigmoids and per-label thresholds: no temperature, no "none of these" rule
+        lines.append(multilabel_card.CONFIDENCE)
+    else:
+        lines.extend(describe_trust(info.trust))  # our numbers and a method name from finetune.ood.METHODS
     metrics = _scalar_metrics(info.metrics)
     if metrics:
         shown_metrics = (f"{escape_markdown(key)} {escape_markdown(value)}" for key, value in metrics.items())

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from demo.uploads import (
+from demo.upload_files import (
     ImportedDataset,
     SkippedFile,
     UploadLimits,
-    _check_decoded_size,
-    _extract_image,
-    _member_header,
-    _new_dataset_dir,
+    check_decoded_size,
+    extract_image,
+    member_header,
+    new_dataset_dir,
 )
 from finetune.errors import DatasetError
 from finetune.images import is_image_file
@@ -75,12 +75,12 @@ def import_labels_zip(
             skipped.append(SkippedFile(info.filename, "not an image file"))
         else:
             members.append((parts[len(base) :], info))
-    _check_decoded_size((_member_header(archive, info, limits) for _, info in members), limits, "the zip")
-    root = _new_dataset_dir(datasets_dir)
+    check_decoded_size((member_header(archive, info, limits) for _, info in members), limits, "the zip")
+    root = new_dataset_dir(datasets_dir)
     try:
         written = set()
         for parts, info in members:
-            reason = _extract_image(archive, info, root, parts, limits)
+            reason = extract_image(archive, info, root, parts, limits)
             if reason:
                 skipped.append(SkippedFile(info.filename, reason))
             else:

@@ -14,79 +14,42 @@ skipped is listed with its reason. The result is a folder `finetune.data.scan_da
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import secrets
 import shutil
 import stat
 import zipfile
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from demo.labels_zip import import_labels_zip, labels_csv_entry
+from demo.upload_files import (
+    DEFAULT_LIMITS,
+    ImportedDataset,
+    SkippedFile,
+    UploadLimits,
+    check_decoded_size,
+    extract_image,
+    file_header,
+    image_problem,
+    member_header,
+    new_dataset_dir,
+    suffix_of,
+    too_big,
+)
 from finetune.class_names import check_class_names
 from finetune.data import SPLIT_DIR_NAMES, TRAIN_DIR_NAMES, find_layout
-from finetune.errors import DatasetError, ImageError
-from finetune.images import UPLOAD_LIMITS, is_image_file, open_image
-from finetune.images import decoded_bytes as image_decoded_bytes
+from finetune.errors import DatasetError
+from finetune.images import is_image_file
 
 logger = logging.getLogger(__name__)
 
-VERIFY_DRAFT = (64, 64)  # JPEGs are verified by a reduced-size decode: the whole stream is still read
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # metadata that zip tools on macOS/Windows add
 _DRIVE = re.compile(r"^[A-Za-z]:")
-HEADER_BYTES = 256 * 1024  # read from each entry to learn its size; JPEG EXIF may take the first 64 kB
 
 
-@dataclass(frozen=True)
-class UploadLimits:
-    """Bounds on one uploaded dataset; they protect the server's disk, memory and time."""
-
-    max_files: int = 10_000  # entries in a zip (or files in a class upload)
-    max_total_bytes: int = 2 * 1024**3  # uncompressed bytes of the whole dataset
-    max_file_bytes: int = 50 * 1024**2  # uncompressed bytes of one file
-    max_ratio: float = 100.0  # uncompressed / compressed size of one entry; image files stay near 1
-    ratio_min_bytes: int = 1024**2  # small entries may compress well (a blank BMP); only big ones count
-    max_archive_ratio: float = 50.0  # all entries' bytes / the zip's size: many small blank BMPs add up
-    max_decoded_bytes: int = 32 * 1024**3  # width x height x channels of all images, read from headers
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """An uploaded file that is not in the dataset, and why."""
-
-    name: str
-    reason: str
-
-
-@dataclass
-class ImportedDataset:
-    """A dataset folder written from an upload, its classes and what was left out."""
-
-    root: Path
-    class_counts: dict[str, int]
-    skipped: list[SkippedFile] = field(default_factory=list)
-    has_val_folder: bool = False
-
-    @property
-    def num_images(self) -> int:
-        return sum(self.class_counts.values())
-
-    def summary(self, max_listed: int = 10) -> str:
-        """One paragraph for the UI: classes with counts, then the skipped files and why."""
-        classes = ", ".join(f"{name} ({count})" for name, count in self.class_counts.items())
-        text = f"{self.num_images} images in {len(self.class_counts)} classes: {classes}."
-        if self.skipped:
-            listed = "; ".join(f"{item.name}: {item.reason}" for item in self.skipped[:max_listed])
-            more = f"; and {len(self.skipped) - max_listed} more" if len(self.skipped) > max_listed else ""
-            text += f" Skipped {len(self.skipped)} file(s): {listed}{more}."
-        return text
-
-
-def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = UploadLimits()) -> ImportedDataset:
+def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = DEFAULT_LIMITS) -> ImportedDataset:
     """Check the whole zip, then extract its usable images into a new folder under `datasets_dir`."""
     try:
         archive = zipfile.ZipFile(zip_path)
@@ -96,9 +59,7 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
         ) from error
     with archive:
         entries, skipped = _checked_entries(archive, limits, zip_bytes=zip_path.stat().st_size)
-        from demo.labels_zip import import_labels_zip, labels_csv_entry  # a zip with labels.csv: multi-label
-
-        csv_entry = labels_csv_entry(entries)
+        csv_entry = labels_csv_entry(entries)  # a zip with a labels.csv: a multi-label dataset
         if csv_entry is not None:
             return import_labels_zip(archive, entries, csv_entry, skipped, datasets_dir, limits)
         entries = _flatten_single_top_folder(entries)
@@ -107,17 +68,17 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
             if len(parts) == 1:
                 skipped.append(SkippedFile(info.filename, "not inside a class folder"))
             elif not is_image_file(PurePosixPath(parts[-1])):
-                skipped.append(SkippedFile(info.filename, f"not an image file ({_suffix(parts[-1])})"))
+                skipped.append(SkippedFile(info.filename, f"not an image file ({suffix_of(parts[-1])})"))
             else:
                 members.append((parts, info))
         check_class_names(sorted({_class_of(parts, members) for parts, _ in members}), "in the zip")
-        _check_decoded_size(
-            (_member_header(archive, info, limits) for _, info in members), limits, source="the zip"
+        check_decoded_size(
+            (member_header(archive, info, limits) for _, info in members), limits, source="the zip"
         )
-        root = _new_dataset_dir(datasets_dir)
+        root = new_dataset_dir(datasets_dir)
         try:
             for parts, info in members:
-                reason = _extract_image(archive, info, root, parts, limits)
+                reason = extract_image(archive, info, root, parts, limits)
                 if reason:
                     skipped.append(SkippedFile(info.filename, reason))
             return _finish(root, skipped, source="the zip")
@@ -129,7 +90,7 @@ def import_zip(zip_path: Path, datasets_dir: Path, limits: UploadLimits = Upload
 def import_class_files(
     classes: Sequence[tuple[str, Sequence[str | Path]]],
     datasets_dir: Path,
-    limits: UploadLimits = UploadLimits(),
+    limits: UploadLimits = DEFAULT_LIMITS,
 ) -> ImportedDataset:
     """A dataset from typed class names, each with its uploaded files (an upload's name is its file name)."""
     names = [name for name, _ in classes]
@@ -142,10 +103,10 @@ def import_class_files(
         raise DatasetError(
             f"the uploads hold {total / 1e6:,.0f} MB; the limit is {limits.max_total_bytes / 1e6:,.0f} MB."
         )
-    _check_decoded_size(
-        (_file_header(path, limits) for _, path in files if is_image_file(path)), limits, source="the uploads"
+    check_decoded_size(
+        (file_header(path, limits) for _, path in files if is_image_file(path)), limits, source="the uploads"
     )
-    root = _new_dataset_dir(datasets_dir)
+    root = new_dataset_dir(datasets_dir)
     skipped: list[SkippedFile] = []
     try:
         for name in names:
@@ -153,13 +114,13 @@ def import_class_files(
         for index, (name, path) in enumerate(files):
             shown = f"{name}/{path.name}"
             if not is_image_file(path):
-                skipped.append(SkippedFile(shown, f"not an image file ({_suffix(path.name)})"))
+                skipped.append(SkippedFile(shown, f"not an image file ({suffix_of(path.name)})"))
                 continue
             if path.stat().st_size > limits.max_file_bytes:
-                skipped.append(SkippedFile(shown, _too_big(path.stat().st_size, limits)))
+                skipped.append(SkippedFile(shown, too_big(path.stat().st_size, limits)))
                 continue
             data = path.read_bytes()
-            reason = _image_problem(data)
+            reason = image_problem(data)
             if reason:
                 skipped.append(SkippedFile(shown, reason))
                 continue
@@ -242,50 +203,6 @@ def _class_of(parts: tuple[str, ...], members: Sequence[tuple[tuple[str, ...], z
     return parts[1] if is_split else parts[0]
 
 
-def _check_decoded_size(headers: Iterable[bytes | Path], limits: UploadLimits, source: str) -> None:
-    """Refuse a dataset whose images decode to more than `max_decoded_bytes` in all, from headers alone."""
-    total = 0
-    for count, header in enumerate(headers, start=1):
-        total += decoded_bytes(header)
-        if total > limits.max_decoded_bytes:
-            raise DatasetError(
-                f"the images in {source} decode to more than {limits.max_decoded_bytes / 1e9:,.1f} GB of "
-                f"pixels (reached at image {count:,}); send fewer or smaller images."
-            )
-
-
-def decoded_bytes(header: bytes | Path) -> int:
-    """Width x height x channels x bytes per channel of an image, from its header (nothing is decoded).
-
-    0 when the header cannot be read: such a file is refused later, with its reason, by the full check.
-    """
-    try:
-        return image_decoded_bytes(header, UPLOAD_LIMITS)
-    except ImageError:
-        return 0
-
-
-def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: UploadLimits) -> bytes:
-    """The first bytes of a zip entry (enough for an image header), or all of it when the header lies
-    further in (a TIFF may keep its directory at the end); bounded by `max_file_bytes`."""
-    try:
-        with archive.open(info) as member:
-            head = member.read(HEADER_BYTES)
-            if decoded_bytes(head) or len(head) < HEADER_BYTES:
-                return head
-            return head + member.read(limits.max_file_bytes - len(head))
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError):
-        return b""  # a damaged entry is reported when it is extracted
-
-
-def _file_header(path: Path, limits: UploadLimits) -> bytes:
-    with path.open("rb") as handle:
-        head = handle.read(HEADER_BYTES)
-        if decoded_bytes(head) or len(head) < HEADER_BYTES:
-            return head
-        return head + handle.read(limits.max_file_bytes - len(head))
-
-
 def _safe_parts(name: str, is_dir: bool = False) -> tuple[str, ...]:
     """Path parts of a zip entry name; absolute paths, drive letters, `..` and control characters refuse."""
     text = name.replace("\\", "/")
@@ -309,46 +226,6 @@ def _flatten_single_top_folder(
             break
         entries = [(parts[1:], info) for parts, info in entries]
     return entries
-
-
-def _extract_image(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path, parts: tuple[str, ...], limits: UploadLimits
-) -> str:
-    """Write one verified image under `root`; returns why it was skipped, or "" when written."""
-    if info.file_size > limits.max_file_bytes:
-        return _too_big(info.file_size, limits)
-    try:
-        with archive.open(info) as member:
-            data = member.read(limits.max_file_bytes + 1)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
-        return f"damaged in the zip ({error})"
-    if len(data) > limits.max_file_bytes:
-        return _too_big(len(data), limits)
-    reason = _image_problem(data)
-    if reason:
-        return reason
-    target = root.joinpath(*parts)
-    if not target.resolve().is_relative_to(root.resolve()):  # belt and braces: `_safe_parts` refused these
-        raise DatasetError(f"the zip entry '{info.filename}' points outside its folder; the zip is refused.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("xb") as handle:
-            handle.write(data)
-    except FileExistsError:
-        return "the zip holds this path twice; the first copy is used"
-    except OSError as error:
-        return f"cannot be stored on the server ({error.strerror})"
-    return ""
-
-
-def _image_problem(data: bytes) -> str:
-    """Why `data` is not a usable image (open_image's message: format, decode, pixel limit), or ""."""
-    try:
-        open_image(io.BytesIO(data), draft_size=VERIFY_DRAFT, limits=UPLOAD_LIMITS)
-    except ImageError as error:
-        reason = str(error).removeprefix("the uploaded file ")  # the list shows the file's name before it
-        return reason.removeprefix("is ")
-    return ""
 
 
 def _finish(
@@ -393,21 +270,6 @@ def _skipped_hint(skipped: Sequence[SkippedFile]) -> str:
         return "no file was skipped"
     first = skipped[0]
     return f"{len(skipped)} file(s) skipped, e.g. {first.name}: {first.reason}"
-
-
-def _new_dataset_dir(datasets_dir: Path) -> Path:
-    datasets_dir.mkdir(parents=True, exist_ok=True)
-    root = datasets_dir / secrets.token_hex(8)
-    root.mkdir()
-    return root
-
-
-def _too_big(size: int, limits: UploadLimits) -> str:
-    return f"{size / 1e6:,.0f} MB, more than the {limits.max_file_bytes / 1e6:,.0f} MB limit per image"
-
-
-def _suffix(name: str) -> str:
-    return PurePosixPath(name).suffix.lower() or "no extension"
 
 
 def _safe_file_name(name: str) -> str:

@@ -18,6 +18,11 @@ LIMITATIONS = (
     "them; a label's probability is independent of the others' and does not sum with them to 1."
 )
 
+CONFIDENCE = (  # the app's model panel, in place of the softmax temperature and "none of these" lines
+    "Confidence: an independent sigmoid probability per label (they need not sum to 1); a label is "
+    "answered when it reaches its own threshold, fitted on the validation images for that label's best F1."
+)
+
 
 def intro(num_labels: int, weights_file: str, config_file: str) -> str:
     return (

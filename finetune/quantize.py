@@ -16,6 +16,9 @@ classes can change places, so the exact FP32 export stays the default and INT8 i
 - check: top-1 agreement with the FP32 export on up to `MAX_CHECK` held-out validation images (and the
   top-1 accuracy of both, since their labels are known), or on the original photos; below
   `MIN_TOP1_AGREEMENT`, or more than `MAX_ACCURACY_DROP` accuracy lost, nothing is written.
+- a multi-label run (a labels CSV) is calibrated and checked on its CSV split the same way, and judged on
+  what it answers: the set of labels at or above their fitted thresholds (the same set on an image counts as
+  agreement) and micro-F1 against the known labels in place of top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,7 +43,16 @@ from finetune.data import Sample
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
 from finetune.file_predict import open_files
 from finetune.images import open_image
-from finetune.inference import META_PRECISION, OnnxClassifier, available_cores, compare_runtimes, has_module
+from finetune.inference import (
+    META_PRECISION,
+    OnnxClassifier,
+    ParityReport,
+    available_cores,
+    compare_runtimes,
+    has_module,
+)
+from finetune.labels_csv import read_csv_split
+from finetune.multilabel import is_multilabel, multilabel_report, summary, thresholds_of
 from finetune.split import SPLIT_FILE, read_split
 
 logger = logging.getLogger(__name__)
@@ -59,7 +72,7 @@ class QuantizationImages:
 
     calibration: list[Image.Image]
     check: list[Image.Image]
-    check_targets: list[int] | None
+    check_targets: list[int] | list[tuple[int, ...]] | None  # a multi-label run: label indices per image
     source: str
 
 
@@ -72,8 +85,9 @@ class Int8Report:
     n_images: int
     top1_agree: int
     max_prob_diff: float
-    fp32_top1: float | None = None  # accuracy on labelled check images
+    fp32_top1: float | None = None  # accuracy on labelled check images (multi-label: micro-F1)
     int8_top1: float | None = None
+    answer: str = "top-1"  # what must agree: "top-1", or "labels" (the set above thresholds, multi-label)
 
     @property
     def agreement(self) -> float:
@@ -81,11 +95,12 @@ class Int8Report:
 
     def summary(self) -> str:
         text = (
-            f"same top-1 as FP32 on {self.top1_agree}/{self.n_images} {self.source} "
+            f"same {self.answer} as FP32 on {self.top1_agree}/{self.n_images} {self.source} "
             f"({self.agreement:.1%}), max probability difference {self.max_prob_diff:.2f}"
         )
         if self.fp32_top1 is not None and self.int8_top1 is not None:
-            text += f"; top-1 accuracy FP32 {self.fp32_top1:.4f}, INT8 {self.int8_top1:.4f}"
+            score = "micro-F1" if self.answer == "labels" else "top-1 accuracy"
+            text += f"; {score} FP32 {self.fp32_top1:.4f}, INT8 {self.int8_top1:.4f}"
         return text
 
 
@@ -135,7 +150,9 @@ def quantize_export(
             calibration_providers=["CPUExecutionProvider"],
         )
     int8 = OnnxClassifier(fp32.run, path, batch_size=fp32.batch_size)
-    parity = compare_runtimes(fp32, int8, images.check, images.check_targets)
+    multi_label = is_multilabel(fp32.run.config)
+    compare = compare_label_sets if multi_label else compare_runtimes
+    parity = compare(fp32, int8, images.check, images.check_targets)
     report = Int8Report(
         source=images.source,
         n_calibration=len(images.calibration),
@@ -144,6 +161,7 @@ def quantize_export(
         max_prob_diff=parity.max_prob_diff,
         fp32_top1=parity.reference_top1,
         int8_top1=parity.candidate_top1,
+        answer="labels" if multi_label else "top-1",
     )
     if report.agreement < MIN_TOP1_AGREEMENT or _accuracy_drop(report) > MAX_ACCURACY_DROP:
         raise CheckpointError(
@@ -163,6 +181,34 @@ def read_int8_report(classifier: OnnxClassifier) -> Int8Report | None:
         return None
 
 
+def compare_label_sets(
+    reference: OnnxClassifier,
+    candidate: OnnxClassifier,
+    images: Sequence[Image.Image],
+    targets: Sequence[Sequence[int]] | None = None,
+) -> ParityReport:
+    """`compare_runtimes` for a multi-label run: an image agrees when both answer the same set of labels
+    (each at or above its fitted threshold); with known labels, each one's micro-F1 stands for accuracy."""
+    thresholds = thresholds_of(reference.run.config, reference.run.labels)
+    expected_probs = reference.predict_probs(images)
+    actual_probs = candidate.predict_probs(images)
+    expected, actual = expected_probs >= thresholds, actual_probs >= thresholds
+    report = ParityReport(
+        n_images=len(images),
+        max_prob_diff=float(np.abs(expected_probs - actual_probs).max()),
+        top1_agree=int((expected == actual).all(axis=1).sum()),
+    )
+    if targets is not None:
+        truth = np.zeros_like(expected_probs)
+        for row, labels in enumerate(targets):
+            truth[row, list(labels)] = 1
+        names = list(reference.run.labels)
+        for probs, field_name in ((expected_probs, "reference_top1"), (actual_probs, "candidate_top1")):
+            score = summary(multilabel_report(truth, probs, thresholds, names))["micro_f1"]
+            setattr(report, field_name, score)
+    return report
+
+
 def _accuracy_drop(report: Int8Report) -> float:
     if report.fp32_top1 is None or report.int8_top1 is None:
         return 0.0
@@ -173,25 +219,34 @@ def _run_dataset_images(run: LoadedRun, seed: int) -> QuantizationImages | None:
     """Calibration images from the run's recorded training split, check images from its validation split.
 
     The split is read from the run's split.json, never recomputed from the folder (a file added since would
-    move training images into the check); files changed or removed since training are left out.
+    move training images into the check); files changed or removed since training are left out. A labels-CSV
+    run's split is taken round-robin over its strata (each image's rarest label), its targets are label sets.
     """
-    record = read_split(run.run_dir) if run.run_dir is not None else None
+    multi_label = is_multilabel(run.config)
+    record: Any = None
+    if run.run_dir is not None:
+        record = read_csv_split(run.run_dir) if multi_label else read_split(run.run_dir)
     if record is None:
         logger.info("The run has no recorded split (%s); calibrating on photos", SPLIT_FILE)
         return None
-    if record.classes != list(run.labels):
+    recorded = record.split if multi_label else record
+    if recorded.classes != list(run.labels):
         logger.info("The run's recorded split does not match its labels; calibrating on photos")
         return None
+    if multi_label:
+        train, val, folder = recorded.train, recorded.val, recorded.csv_path.parent
+    else:
+        train, val, folder = record.samples("train"), record.samples("val"), record.data_dir
     candidates = {
-        "train": _round_robin(record.samples("train"), MAX_CALIBRATION, seed),
-        "val": _round_robin(record.samples("val"), MAX_CHECK, seed),
+        "train": _round_robin(train, MAX_CALIBRATION, seed),
+        "val": _round_robin(val, MAX_CHECK, seed),
     }
     kept = {subset: record.unchanged(samples) for subset, samples in candidates.items()}
     changed = sum(len(candidates[s]) - len(kept[s]) for s in candidates)
     if changed:
         logger.warning(
             "%d of the run's images changed or went missing since training (%s); the INT8 check uses only "
-            "the unchanged ones", changed, record.data_dir,
+            "the unchanged ones", changed, folder,
         )  # fmt: skip
     with ThreadPoolExecutor(available_cores()) as pool:  # the prediction path's opener, on all cores
         train_images = open_files([sample.path for sample in kept["train"]], open_image, pool)
@@ -204,12 +259,12 @@ def _run_dataset_images(run: LoadedRun, seed: int) -> QuantizationImages | None:
         if isinstance(image, Image.Image)
     ]
     if not calibration or not checked:
-        logger.info("No unchanged images of the run's split are left in %s; using photos", record.data_dir)
+        logger.info("No unchanged images of the run's split are left in %s; using photos", folder)
         return None
     return QuantizationImages(
         calibration=calibration,
         check=[image for _, image in checked],
-        check_targets=[sample.target for sample, _ in checked],
+        check_targets=[sample.labels if multi_label else sample.target for sample, _ in checked],
         source="held-out validation images",
     )
 

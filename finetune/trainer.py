@@ -184,6 +184,8 @@ def _prepare(
     model = created.model
     native = int(created.data_config["input_size"][-1])
     plan = plan_recipe(split.train, native, config.img_size, config.frozen_groups)
+    if isinstance(split, labels_csv.MultiLabelSplit):  # several things an image: see multilabel_train
+        plan = multilabel_train.plan_resolution(plan, native, config.img_size)
     image_size = plan.image_size
     data_config = resolve_model_data_config(model, image_size)
     geometric, mean, std = split_eval_transform(data_config)
@@ -480,6 +482,8 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
     )
     wanted = _wanted_steps(config, steps_per_epoch)
+    if run.multilabel is not None and not config.epochs:
+        wanted = multilabel_train.wanted_steps(wanted, steps_per_epoch)
     if state and _budgeted(config):  # the budget's plan (a state saved before budgets counts epochs)
         total = state.get("max_updates") or state["epochs"] * steps_per_epoch
     elif state:  # --epochs: whole epochs of this world size (a resume may run on fewer processes)

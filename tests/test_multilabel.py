@@ -118,6 +118,20 @@ def test_metrics_match_scikit_learn():
     assert scores["macro_f1"] == pytest.approx(metrics.f1_score(targets, predicted, average="macro"))
 
 
+def test_auto_trains_small_multilabel_images_at_native_size_for_more_updates():
+    from finetune.multilabel_train import MAX_EPOCHS, TARGET_STEPS, plan_resolution, wanted_steps
+    from finetune.recipe import RecipePlan
+
+    small = RecipePlan(128, -1, "128 px: about twice the size of small images; first half frozen (speed)")
+    plan = plan_resolution(small, native_size=224)
+    assert (plan.image_size, plan.frozen_groups) == (224, -1)  # the freezing decision is kept
+    assert plan.reason.startswith("224 px: native size") and plan.reason.endswith("first half frozen (speed)")
+    assert plan_resolution(small, native_size=224, img_size=128) is small  # --img-size wins
+    assert wanted_steps(4 * 75, steps_per_epoch=75) == 75 * -(-TARGET_STEPS // 75)  # whole epochs
+    assert wanted_steps(4 * 500, steps_per_epoch=500) == 4 * 500  # never fewer than single-label
+    assert wanted_steps(4, steps_per_epoch=1) == MAX_EPOCHS
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(labels.csv, run folder): one fine-tuning epoch through `python -m finetune labels.csv --out RUN`."""
@@ -239,6 +253,41 @@ def test_onnx_serves_the_same_independent_probabilities(trained):
     assert json.loads(onnx.metadata["studio.multilabel_thresholds"]) == thresholds
 
 
+def test_int8_export_is_checked_on_the_csv_split_by_the_labels_it_answers(trained, capsys):
+    pytest.importorskip("onnxruntime")
+    from finetune.checkpoint import load_run
+    from finetune.export import main
+    from finetune.multilabel import labels_above, thresholds_of
+    from finetune.quantize import INT8_FILE, read_int8_report
+    from finetune.runtime import create_classifier
+
+    csv_path, run_dir = trained
+    copy = run_dir.parent / "int8_run"
+    shutil.copytree(run_dir, copy, dirs_exist_ok=True)
+    assert main([str(copy), "--int8", "--quiet"]) == 0
+    assert "same labels as FP32 on" in capsys.readouterr().out
+    run = load_run(copy)
+    int8 = create_classifier(run, "onnx-int8")
+    assert int8.onnx_path == copy / INT8_FILE and int8.is_multilabel
+    thresholds = json.loads((copy / "config.json").read_text())["studio"]["multilabel"]["thresholds"]
+    assert json.loads(int8.metadata["studio.multilabel_thresholds"]) == thresholds
+    report = read_int8_report(int8)
+    record = read_csv_split(copy)
+    assert record is not None and report is not None
+    # calibrated and checked on the run's own CSV split, not on photos, and judged by the label sets
+    assert report.source == "held-out validation images" and report.answer == "labels"
+    assert report.n_images == len(record.split.val) and report.n_calibration == len(record.split.train)
+    assert report.fp32_top1 is not None and report.int8_top1 is not None  # micro-F1 of each
+    images = [Image.open(p).convert("RGB") for p in sorted((csv_path.parent / "images").glob("*.png"))]
+    fp32 = create_classifier(run, "onnx")
+    expected, actual = fp32.predict_probs(images), int8.predict_probs(images)
+    assert not np.array_equal(expected, actual)  # really the quantized model
+    cut = thresholds_of(run.config, run.labels)
+    fp32_answers = labels_above(expected, cut, run.labels)
+    same = [a == b for a, b in zip(fp32_answers, labels_above(actual, cut, run.labels), strict=True)]
+    assert np.mean(same) >= 0.9
+
+
 def test_timm_local_dir_and_the_card_carry_the_multilabel_head(trained):
     import timm
     import torch
@@ -302,6 +351,10 @@ def test_app_answers_with_every_label_above_its_threshold(trained, tmp_path):
                 assert set(filter(None, row[-1].split("; "))) == present
             _, _, caption = client.predict(handle_file(images[0]), "two", 0.5, api_name="/explain")
             assert "Explaining **two**" in caption
+        from demo.classify_tab import model_card
+
+        card = model_card(service.info())  # the panel beside the answer: sigmoids, not a softmax
+        assert "independent sigmoid probability per label" in card and "softmax" not in card
     finally:
         service.close()
 
