@@ -14,7 +14,8 @@ one class per photo, train crops from the top half and test crops from the botto
 /usr/share/datasets/fashion-mnist, `apt-get install dataset-fashion-mnist`; else digits with 10 per class).
 Each method runs in a child process; top-1 on test/, wall time and the child's peak RSS are printed.
 
-    python bench/recipe.py [--only digits,faces] [--seeds 0,1,2] [--methods default,probe,plain] [-- flags]
+    python bench/recipe.py [--only digits,faces] [--seeds 0,1,2] [--all-seeds] [--shots 10]
+        [--methods default,probe,plain] [-- flags]
 """
 
 from __future__ import annotations
@@ -211,6 +212,10 @@ def main() -> int:
     parser.add_argument(
         "--seeds", default="0,1,2", help="digits seeds (default 0,1,2); other sets use the first"
     )
+    parser.add_argument(
+        "--all-seeds", action="store_true", help="every set runs every seed (default: only digits)"
+    )
+    parser.add_argument("--shots", type=int, default=10, help="few-shot training images per class (10)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "TRAIN", "TEST"), help=argparse.SUPPRESS)
@@ -225,9 +230,12 @@ def main() -> int:
     results: dict[tuple[str, str], list[dict]] = {}
     print(f"{'set':<10} {'seed':>4} {'method':<8} {'top-1':>7} {'wall s':>7} {'RSS GB':>7}  note", flush=True)
     for name in args.only.split(","):
-        for seed in seeds if name == "digits" else seeds[:1]:
+        for seed in seeds if name == "digits" or args.all_seeds else seeds[:1]:
             data = work / f"{name}-{seed}"
-            BUILDERS[name](data, seed)
+            if name == "fewshot":
+                build_fewshot(data, seed, args.shots)
+            else:
+                BUILDERS[name](data, seed)
             for method in methods:
                 started = time.perf_counter()
                 row = run_method(method, data / "train", data / "test", data / f"run-{method}", args.extra)
