@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional
+
+from finetune.engine import fit_softmax_regression
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ def _out_of_fold(
         held, fit = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
         if not len(held) or not len(fit):
             continue
-        weight, bias = fit_softmax_regression(standard[fit], labels[fit], num_classes)
+        weight, bias = fit_softmax_regression(standard[fit], labels[fit], num_classes, OOF_L2, OOF_STEPS)
         with torch.no_grad():
             logits = standard[held] @ weight + bias
             probabilities[held] = torch.softmax(logits, dim=1).double().numpy()
@@ -350,33 +351,6 @@ def _principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
     centered = features - features.mean(dim=0)
     _, _, basis = torch.pca_lowrank(centered, q=dims, center=False, niter=3)
     return centered @ basis
-
-
-def fit_softmax_regression(
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int,
-    l2: float = OOF_L2,
-    steps: int = OOF_STEPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS: k of them cost seconds even on 60,000 images.
-
-    The probe's minibatch AdamW (fit_linear_probe) needs ~1,500 small steps per fit; k-fold would
-    multiply that, while L-BFGS on the whole fold converges in a few dozen full-batch steps.
-    """
-    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=10,
-                                  line_search_fn="strong_wolfe")  # fmt: skip
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = functional.cross_entropy(features @ weight + bias, targets) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 def label_issues(

@@ -146,6 +146,39 @@ def extract_features(
     return dist.all_gather_rows(torch.cat(features), len(data))
 
 
+def fit_softmax_regression(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    steps: int,
+    sample_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS: (weight (D, C), bias (C,)); the bias is not
+    penalised. The loss is the (sample-weighted) mean cross-entropy + `l2` x the squared weights.
+
+    The probe's minibatch AdamW (fit_linear_probe) needs ~1,500 small steps per fit; k-fold fits (the data
+    checks, the few-shot refit) would multiply that, while L-BFGS on the whole set converges in a few dozen
+    to a few hundred full-batch steps.
+    """
+    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=10,
+                                  line_search_fn="strong_wolfe")  # fmt: skip
+    share = None if sample_weights is None else sample_weights / sample_weights.sum()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        losses = F.cross_entropy(features @ weight + bias, targets, reduction="none")
+        loss = losses.mean() if share is None else (losses * share).sum()
+        loss = loss + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 def fit_linear_probe(
     train_features: torch.Tensor,
     train_targets: torch.Tensor,

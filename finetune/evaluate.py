@@ -99,6 +99,12 @@ def held_out_files(run: LoadedRun, data_dir: Path) -> tuple[list[tuple[Path, int
             f"none of the run's recorded {subset} images in '{data_dir}' is still as it was at training; "
             "evaluate on another labelled folder."
         )
+    if subset == "val" and run.studio.get("probe_refit"):
+        logger.warning(
+            "This few-shot run refitted its head on its validation images too: these scores are in-sample. "
+            "The held-out figures are in config.json (studio.metrics, from the head fitted on training "
+            "images alone); a test/ folder gives an unbiased one."
+        )
     return [(sample.path, sample.target) for sample in samples], subset
 
 

@@ -239,10 +239,18 @@ def _results(config: dict[str, Any], report: dict[str, Any], run_dir: Path) -> s
             "folder, never used for training or for choosing the weights: the estimate to expect on "
             "similar images.\n\n" + _table(("Metric", "Value"), tests)
         )
-    lines.append(
+    validation = (
         "## Results on the validation set\n\nThese images chose the kept weights (the best epoch, and probe "
         "or fine-tuning), so they flatter the model a little."
     )
+    refit = (config.get("studio") or {}).get("probe_refit")
+    if refit:
+        validation += (
+            f" With a few images per class, the linear head was then refitted on all {refit['train_images']} "
+            f"training and {refit['val_images']} validation images; the scores below are those of the head "
+            "fitted on training images alone, before that refit."
+        )
+    lines.append(validation)
     lines.append(
         _table(("Metric", "Value"), rows) if rows else "No validation metrics were recorded for this run."
     )

@@ -54,9 +54,9 @@ TARGET_STEPS, MAX_EPOCHS = 450, 20  # `auto`'s fine-tuning updates for multi-lab
 def plan_resolution(plan: RecipePlan, native_size: int, img_size: int = 0) -> RecipePlan:
     """`plan` at the backbone's native size when the single-label rule chose less and no size was given:
     the things a multi-label image shows are smaller than the image (see the module docstring)."""
+    size_reason, frozen = plan.reason.split("; ")[:2]  # the few-shot "probe only" rule is single-label
     if img_size or plan.image_size >= native_size:
-        return plan
-    frozen = plan.reason.split("; ", 1)[-1]
+        return RecipePlan(plan.image_size, plan.frozen_groups, f"{size_reason}; {frozen}")
     reason = f"{native_size} px: native size for multi-label images (each object is smaller); {frozen}"
     return RecipePlan(native_size, plan.frozen_groups, reason)
 

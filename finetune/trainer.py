@@ -62,6 +62,7 @@ from finetune.modeling import (
     resolve_model_data_config,
     split_eval_transform,
 )
+from finetune.probe_refit import FOLDS, fit_few_shot_head
 from finetune.recipe import RecipePlan, plan_recipe
 from finetune.split import (
     SPLIT_FILE,
@@ -159,14 +160,29 @@ def fine_tune(
     if state is not None:
         _restore(run, state)
     phase_done = state["phase"] if state is not None else None
+    run.studio["plan"]["probe_only"] = _keeps_probe(run)
+    if run.studio["plan"]["probe_only"]:
+        run.emit(TrainEvent("status", message=f"Few-shot data: {run.plan.reason.rsplit('; ', 1)[-1]}; "
+                                              "its head is refitted on train + val at the end"))  # fmt: skip
     interrupted = False
     if phase_done is None and _uses_probe(run):
         interrupted = _linear_probe(run)
     elif phase_done is None:
         _save_state(run, phase="probe", epoch=0, epochs=0)
-    if not interrupted and config.strategy != "linear":
+    if not interrupted and config.strategy != "linear" and not _keeps_probe(run):
         interrupted = _fine_tune_epochs(run, state if phase_done == "finetune" else None)
     return _finish(run, interrupted)
+
+
+def _keeps_probe(run: _Run) -> bool:
+    """`auto` on few-shot data (finetune/recipe.py): the probe only, refitted on train + val at the end.
+
+    Only when `auto` chooses the epochs: --epochs N or another strategy asks for fine-tuning."""
+    config = run.config
+    return (
+        config.strategy == "auto" and not config.epochs and run.plan is not None and run.plan.probe_only
+        and run.multilabel is None and _uses_probe(run)
+    )  # fmt: skip
 
 
 def _prepare(
@@ -847,11 +863,13 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
         add_top_losses(run.run_dir, run.config.data_dir, run.val, result.logits, run.labels)
         studio["metrics"].update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
         studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
-        if run.test is not None and len(run.test):
-            studio["metrics"].update(_test_metrics(run, best.model, fp32))
         studio.update(trust_sections(best.model, run.train, run.val, run.mean, run.std, run.dist.device,
                                      len(run.labels), run.config.accept_rate,
                                      run.run_dir / "reliability.png", val_outputs))  # fmt: skip
+        if _keeps_probe(run) and run.best.get("phase") == "probe":
+            studio["probe_refit"] = _refit_probe(run, best.model, val_outputs[1])
+        if run.test is not None and len(run.test):
+            studio["metrics"].update(_test_metrics(run, best.model, fp32))
         studio["metrics"]["interrupted"] = interrupted
         _save_final(run, best.model, studio, interrupted)
     run.dist.barrier()
@@ -859,6 +877,34 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     return TrainResult(
         run.run_dir, studio["metrics"], run.history, studio["metrics"]["strategy_used"], interrupted, bad
     )
+
+
+def _refit_probe(run: _Run, model: torch.nn.Module, val_features: np.ndarray) -> dict[str, Any]:
+    """Fit the kept probe's head again on training + validation features, into `model`.
+
+    With a few images per class every one counts, and k-fold over all of them picks the head's L2 strength
+    (finetune/probe_refit.py). Validation has already done its jobs with the head fitted on training images
+    alone: the reported validation scores, the temperature and the "none of these" rule come from those
+    held-out outputs (cross-fitted), so they stay honest for the refitted head.
+    """
+    _, train_features = collect_outputs(model, run.train, run.mean, run.std, run.dist.device)
+    features = torch.from_numpy(np.concatenate([train_features, val_features]))
+    targets = torch.cat([run.train.targets, run.val.targets])
+    weights = None if run.class_weights is None else run.class_weights[targets]
+    if run.sample_weights is not None:  # --balance sampler: the same inverse frequency over both
+        counts = torch.bincount(targets, minlength=len(run.labels)).float()
+        weights = (counts.sum() / (len(counts) * counts.clamp(min=1)))[targets]
+    head = fit_few_shot_head(features, targets, len(run.labels), weights, run.config.seed)
+    classifier = model.get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(head.weight.to(classifier.weight))
+        classifier.bias.copy_(head.bias.to(classifier.bias))
+    logger.info(
+        "Few-shot data: the probe's head was refitted on %d training + %d validation images (C = %g, chosen "
+        "by %d-fold cross-validation); the validation scores above are those of the head fitted on training "
+        "images alone.", len(run.train), len(run.val), head.c, FOLDS,
+    )  # fmt: skip
+    return {"train_images": len(run.train), "val_images": len(run.val), "c": head.c, "cv_top1": head.cv_top1}
 
 
 def _finish_multilabel(

@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data import Sample
-from finetune.recipe import FEW_IMAGES, FREEZE_HALF, plan_recipe
+from finetune.recipe import FEW_IMAGES, FEW_SHOT_PER_CLASS, FREEZE_HALF, plan_recipe
 
 
 def _samples(tmp_path: Path, side: int, count: int) -> list[Sample]:
@@ -49,3 +49,10 @@ def test_explicit_size_and_frozen_groups_are_kept(tmp_path: Path) -> None:
     # an explicit size for few images still trains everything; for many, the first half stays frozen
     assert plan_recipe(samples, 224, img_size=96).frozen_groups == 0
     assert plan_recipe(_samples(tmp_path, 400, FEW_IMAGES + 1), 224, img_size=96).frozen_groups == FREEZE_HALF
+
+
+def test_few_shot_data_keeps_the_probe_and_more_images_per_class_do_not(tmp_path: Path) -> None:
+    """Two classes: under FEW_SHOT_PER_CLASS images each, validation cannot choose (see recipe.py)."""
+    few = plan_recipe(_samples(tmp_path, 28, 2 * (FEW_SHOT_PER_CLASS - 1)), native_size=224)
+    assert few.probe_only and "probe only" in few.reason
+    assert not plan_recipe(_samples(tmp_path, 28, 2 * FEW_SHOT_PER_CLASS), native_size=224).probe_only
