@@ -16,14 +16,17 @@ a plain full fine-tune at 128 px and to a 224 px linear probe on data unlike dig
 Few-shot data (a handful of images per class) keeps the probe. With 10 or 20 images per class, 2 or 4 per
 class are left for validation: 20 validation images move 5 points per image, so validation cannot tell
 fine-tuning from the probe, and fine-tuning lost on held-out data in every measured run (Fashion-MNIST,
-500 test images, seeds 0-2, idle machine; the probe refitted on all 100 images scored 77.2 / 76.4 / 76.8%):
+500 test images, seeds 0-2, idle machine; the benchmark's probe on all images: 77.8 / 76.4 / 76.6% at 10 per
+class, 75.0 / 76.4 / 81.8% at 20):
 
   10/class, lr 1e-3: 75.6, (probe kept) 74.0, 75.4% | lr 3e-4: 77.4, 71.0, (probe) 75.4% |
   lr 1e-4: 74.0, 74.2, (probe) 75.4% | 20/class, lr 1e-3: (probe) 74.8 vs the probe's 75.0, 73.4 vs 76.4%
 
 So below FEW_SHOT_PER_CLASS training images per class (median), `auto` fits the probe only, and refits its
-head on training + validation features at the end (finetune/trainer.py `_refit_probe`): every image
-counts, and the held-out figures are those of the head fitted on training images alone.
+head on training + validation features at the end (finetune/trainer.py `_refit_probe`, L2 strength by
+k-fold: finetune/probe_refit.py): every image counts, and the held-out figures are those of the head fitted
+on training images alone. The default then scored 78.0 / 76.4 / 77.2% (10 per class) and 75.2 / 76.4 / 81.8%
+(20 per class), in 22-28 s: at or above the probe on all six.
 """
 
 from __future__ import annotations
