@@ -5,8 +5,9 @@ Classes and images live in the visitor's session (`demo.teach.TeachStore`, keyed
 dropped when the page closes). Training is the Train tab's: the classes are imported like typed class uploads
 (`demo.uploads.import_class_files`) and queued on the one `TrainingManager`, so the run folder, the progress,
 the queue and the owner (`demo.lanes`) are the same; only the recipe differs, a short time budget under the
-`auto` strategy (the linear probe first, then a short fine-tune only when it fits the budget). When the run
-ends it becomes this session's model, so the live preview (`demo.live`) uses it at once.
+`auto` strategy (the linear probe first, then a short fine-tune only when it fits the budget; under 24
+images per class, the probe alone, refitted on every image: finetune/recipe.py). When the run ends it becomes
+this session's model, so the live preview (`demo.live`) uses it at once.
 
 APIs (all per session): `teach_add_class` (name), `teach_add_images` (class, files), `teach_delete_image`
 (class, image number from 1), `teach_remove_class` (class), `teach_train` (model, budget in seconds) ->
