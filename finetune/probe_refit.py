@@ -39,7 +39,8 @@ class FewShotHead:
     weight: torch.Tensor
     bias: torch.Tensor
     c: float
-    cv_top1: float | None  # mean held-out top-1 of the chosen C over the folds (None: no folds)
+    cv_top1: float | None  # held-out top-1 of the chosen C over the folds (None: no folds)
+    oof_logits: np.ndarray | None  # (N, C) logits of each image from the fold that held it out, at C
 
 
 def fit_few_shot_head(
@@ -56,20 +57,19 @@ def fit_few_shot_head(
     features = features.float()
     fold_of = _stratified_folds(targets.numpy(), seed)
     folds = int(fold_of.max()) + 1
-    best_c, best_top1 = DEFAULT_C, None
+    best_c, best_top1, best_logits = DEFAULT_C, None, None
     if folds >= 2:
         for c in C_GRID:
-            correct = 0
+            logits = torch.zeros(len(targets), num_classes)
             for fold in range(folds):
                 fit, held = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
                 weight, bias = _fit(features[fit], targets[fit], num_classes, c, _take(sample_weights, fit))
-                predicted = (features[held] @ weight + bias).argmax(dim=1)
-                correct += int((predicted == targets[held]).sum())
-            top1 = correct / len(targets)
+                logits[held] = features[held] @ weight + bias
+            top1 = float((logits.argmax(dim=1) == targets).float().mean())
             if best_top1 is None or top1 > best_top1:
-                best_c, best_top1 = c, top1
+                best_c, best_top1, best_logits = c, top1, logits.numpy()
     weight, bias = _fit(features, targets, num_classes, best_c, sample_weights)
-    return FewShotHead(weight.T.contiguous(), bias, best_c, best_top1)
+    return FewShotHead(weight.T.contiguous(), bias, best_c, best_top1, best_logits)
 
 
 def _fit(

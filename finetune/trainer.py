@@ -72,7 +72,7 @@ from finetune.split import (
     warn_about_classes,
     write_split,
 )
-from finetune.trust_fit import collect_outputs, trust_sections
+from finetune.trust_fit import calibration_section, collect_outputs, draw_reliability, trust_sections
 
 logger = logging.getLogger(__name__)
 
@@ -867,7 +867,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
                                      len(run.labels), run.config.accept_rate,
                                      run.run_dir / "reliability.png", val_outputs))  # fmt: skip
         if _keeps_probe(run) and run.best.get("phase") == "probe":
-            studio["probe_refit"] = _refit_probe(run, best.model, val_outputs[1])
+            _refit_probe(run, best.model, val_outputs[1], studio)
         if run.test is not None and len(run.test):
             studio["metrics"].update(_test_metrics(run, best.model, fp32))
         studio["metrics"]["interrupted"] = interrupted
@@ -879,13 +879,14 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
     )
 
 
-def _refit_probe(run: _Run, model: torch.nn.Module, val_features: np.ndarray) -> dict[str, Any]:
-    """Fit the kept probe's head again on training + validation features, into `model`.
+def _refit_probe(run: _Run, model: torch.nn.Module, val_features: np.ndarray, studio: dict[str, Any]) -> None:
+    """Fit the kept probe's head again on training + validation features, into `model`; record it in `studio`.
 
     With a few images per class every one counts, and k-fold over all of them picks the head's L2 strength
-    (finetune/probe_refit.py). Validation has already done its jobs with the head fitted on training images
-    alone: the reported validation scores, the temperature and the "none of these" rule come from those
-    held-out outputs (cross-fitted), so they stay honest for the refitted head.
+    (finetune/probe_refit.py). The reported validation scores stay those of the head fitted on training
+    images alone (held out); the "none of these" rule does not depend on the head (cosine distance of the
+    features to the class means); the temperature is refitted on the k-fold's out-of-fold logits: the
+    refitted head's own scale, measured on images that each fold held out.
     """
     _, train_features = collect_outputs(model, run.train, run.mean, run.std, run.dist.device)
     features = torch.from_numpy(np.concatenate([train_features, val_features]))
@@ -899,12 +900,19 @@ def _refit_probe(run: _Run, model: torch.nn.Module, val_features: np.ndarray) ->
     with torch.no_grad():
         classifier.weight.copy_(head.weight.to(classifier.weight))
         classifier.bias.copy_(head.bias.to(classifier.bias))
+    if head.oof_logits is not None:
+        fitted_on = f"out-of-fold logits of the refitted head ({FOLDS}-fold over train + validation)"
+        studio["calibration"] = calibration_section(head.oof_logits, targets.numpy(), fitted_on)
+        draw_reliability(head.oof_logits, targets.numpy(), studio["calibration"]["temperature"],
+                         run.run_dir / "reliability.png")  # fmt: skip
+    studio["probe_refit"] = {
+        "train_images": len(run.train), "val_images": len(run.val), "c": head.c, "cv_top1": head.cv_top1,
+    }  # fmt: skip
     logger.info(
         "Few-shot data: the probe's head was refitted on %d training + %d validation images (C = %g, chosen "
         "by %d-fold cross-validation); the validation scores above are those of the head fitted on training "
         "images alone.", len(run.train), len(run.val), head.c, FOLDS,
     )  # fmt: skip
-    return {"train_images": len(run.train), "val_images": len(run.val), "c": head.c, "cv_top1": head.cv_top1}
 
 
 def _finish_multilabel(

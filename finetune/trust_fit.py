@@ -40,9 +40,7 @@ def fit_trust(
     method: str = ood.DEFAULT_METHOD,
 ) -> dict[str, dict[str, Any]]:
     """`{"calibration": {...}, "ood": {...}}` for `studio` in config.json."""
-    temperature = fit_temperature(val_logits, val_targets)
-    calibration = {"temperature": temperature, "fitted_on": "validation", "n_images": int(len(val_targets))}
-    calibration.update(calibration_figures(val_logits, val_targets, temperature))
+    calibration = calibration_section(val_logits, val_targets)
     means = ood.class_means(train_features, train_targets, num_classes) if method == "cosine" else None
     probe = ood.Rejector(method, 0.0, accept_rate, means)
     val_scores = probe.score(val_logits, val_features)
@@ -50,6 +48,22 @@ def fit_trust(
     stored = rule.to_dict()
     stored["val_accepted"] = float((val_scores <= rule.threshold).mean())
     return {"calibration": calibration, "ood": stored}
+
+
+def calibration_section(
+    logits: np.ndarray, targets: np.ndarray, fitted_on: str = "validation"
+) -> dict[str, Any]:
+    """`studio.calibration`: the temperature fitted (NLL) on held-out `logits`, its ECE before and after."""
+    temperature = fit_temperature(logits, targets)
+    calibration = {"temperature": temperature, "fitted_on": fitted_on, "n_images": int(len(targets))}
+    calibration.update(calibration_figures(logits, targets, temperature))
+    return calibration
+
+
+def draw_reliability(logits: np.ndarray, targets: np.ndarray, temperature: float, png: Path) -> None:
+    """The reliability diagram of held-out `logits`, raw and at `temperature`."""
+    scaled = softmax_t(logits, temperature)
+    plot_reliability([("raw softmax", softmax_t(logits)), (f"T = {temperature:.2f}", scaled)], targets, png)
 
 
 @torch.inference_mode()
@@ -114,9 +128,7 @@ def trust_sections(
     )
     calibration, rule = sections["calibration"], sections["ood"]
     if reliability_png is not None:
-        raw, scaled = softmax_t(val_logits), softmax_t(val_logits, calibration["temperature"])
-        curves = [("raw softmax", raw), (f"T = {calibration['temperature']:.2f}", scaled)]
-        plot_reliability(curves, val.targets.numpy(), reliability_png)
+        draw_reliability(val_logits, val.targets.numpy(), calibration["temperature"], reliability_png)
     logger.info(
         "Calibrated: temperature %.3f, validation ECE %.2f%% -> %.2f%%; 'none of these' above %s %.4f "
         "(accepts %.0f%% of validation images).",

@@ -51,6 +51,8 @@ def test_few_shot_auto_keeps_the_probe_and_refits_its_head_on_train_and_val(
     refit = studio["probe_refit"]
     assert (refit["train_images"], refit["val_images"]) == (num_train, num_val)
     assert refit["c"] in C_GRID
+    # the temperature belongs to the refitted head: fitted on its out-of-fold logits over all 30 images
+    assert "out-of-fold" in studio["calibration"]["fitted_on"] and studio["calibration"]["n_images"] == 30
     assert num_train + num_val == 30
     final = load_file(out / "model.safetensors")
     # the backbone is the probe's; only the head changed, refitted on more images
@@ -92,6 +94,8 @@ def test_the_few_shot_head_is_scikit_learns_logistic_regression_at_the_chosen_c(
     features, targets = torch.from_numpy(pixels[chosen]).float(), torch.from_numpy(labels[chosen])
     head = fit_few_shot_head(features, targets, 10)
     assert head.c in C_GRID and 0.5 < head.cv_top1 <= 1.0
+    assert head.oof_logits.shape == (100, 10)
+    assert head.cv_top1 == pytest.approx(float((head.oof_logits.argmax(1) == labels[chosen]).mean()))
     ours = (torch.from_numpy(pixels[rest]).float() @ head.weight.T + head.bias).argmax(1).numpy()
     reference = LogisticRegression(C=head.c, max_iter=5000).fit(pixels[chosen], labels[chosen])
     theirs = reference.predict(pixels[rest])
