@@ -56,7 +56,11 @@ def plan_resolution(plan: RecipePlan, native_size: int, img_size: int = 0) -> Re
     the things a multi-label image shows are smaller than the image (see the module docstring)."""
     size_reason, frozen = plan.reason.split("; ")[:2]  # the few-shot "probe only" rule is single-label
     if img_size or plan.image_size >= native_size:
-        return RecipePlan(plan.image_size, plan.frozen_groups, f"{size_reason}; {frozen}")
+        return (
+            RecipePlan(plan.image_size, plan.frozen_groups, f"{size_reason}; {frozen}")
+            if plan.probe_only
+            else plan
+        )
     reason = f"{native_size} px: native size for multi-label images (each object is smaller); {frozen}"
     return RecipePlan(native_size, plan.frozen_groups, reason)
 

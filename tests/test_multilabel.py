@@ -127,6 +127,9 @@ def test_auto_trains_small_multilabel_images_at_native_size_for_more_updates():
     assert (plan.image_size, plan.frozen_groups) == (224, -1)  # the freezing decision is kept
     assert plan.reason.startswith("224 px: native size") and plan.reason.endswith("first half frozen (speed)")
     assert plan_resolution(small, native_size=224, img_size=128) is small  # --img-size wins
+    few_shot = RecipePlan(224, 0, "224 px: few images; whole backbone; probe only (8 < 24)", probe_only=True)
+    kept = plan_resolution(few_shot, native_size=224)  # the few-shot rule is for single-label data
+    assert not kept.probe_only and "probe only" not in kept.reason
     assert wanted_steps(4 * 75, steps_per_epoch=75) == 75 * -(-TARGET_STEPS // 75)  # whole epochs
     assert wanted_steps(4 * 500, steps_per_epoch=500) == 4 * 500  # never fewer than single-label
     assert wanted_steps(4, steps_per_epoch=1) == MAX_EPOCHS
