@@ -161,6 +161,8 @@ def fine_tune(
         _restore(run, state)
     phase_done = state["phase"] if state is not None else None
     run.studio["plan"]["probe_only"] = _keeps_probe(run)
+    if run.plan is not None and run.plan.probe_only and not run.studio["plan"]["probe_only"]:
+        run.studio["plan"]["reason"] = run.plan.reason.rsplit("; ", 1)[0]  # --epochs N: it fine-tunes
     if run.studio["plan"]["probe_only"]:
         run.emit(TrainEvent("status", message=f"Few-shot data: {run.plan.reason.rsplit('; ', 1)[-1]}; "
                                               "its head is refitted on train + val at the end"))  # fmt: skip

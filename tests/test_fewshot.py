@@ -73,6 +73,7 @@ def test_explicit_epochs_or_more_images_per_class_still_fine_tune(tmp_path: Path
     assert [row["phase"] for row in asked.history] == ["probe", "finetune"]
     studio = json.loads((tmp_path / "asked" / "config.json").read_text())["studio"]
     assert studio["plan"]["probe_only"] is False and "probe_refit" not in studio
+    assert "probe only" not in studio["plan"]["reason"]
 
     more = write_digits_folder(tmp_path / "more", classes=(0, 1), per_class=40)
     auto = fine_tune(_config(more, tmp_path / "auto", time_budget_s=120))
