@@ -144,7 +144,13 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     system = parser.add_argument_group("system")
     system.add_argument("--device", choices=DEVICES, default=d["device"], help="auto picks CUDA when present")
-    system.add_argument("--precision", choices=PRECISIONS, default=d["precision"], help="autocast precision")
+    system.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d["precision"],
+        help="autocast precision; auto: bf16 where the device has it (on a CPU without AMX, only for "
+        "evaluation: its training steps run faster in fp32)",
+    )
     system.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     return parser
 

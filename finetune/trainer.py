@@ -52,6 +52,7 @@ from finetune.engine import (
     probe_metrics,
     resolve_precision,
     train_one_epoch,
+    training_precision,
 )
 from finetune.errors import ConfigError, DatasetError, StoppedError
 from finetune.inspect import add_top_losses, apply_exclusions, check_run_data
@@ -273,7 +274,8 @@ def _prepare(
             "image_size": image_size,
         },
         "plan": {"image_size": image_size, "frozen_groups": plan.frozen_groups, "reason": plan.reason},
-        "precision": precision.name,
+        "precision": precision.name,  # evaluation and the probe's features
+        "train_precision": training_precision(precision, config.precision).name,  # fine-tuning updates
         "device": str(dist.device),
         "world_size": dist.world_size,
     }
@@ -527,9 +529,9 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
     opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
-        precision=run.precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
-        seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
-        sample_weights=run.sample_weights,
+        precision=training_precision(run.precision, config.precision), dist=run.dist, mean=run.mean,
+        std=run.std, batch_size=rank_batch, seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip,
+        freeze_bn=config.freeze_bn, sample_weights=run.sample_weights,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:
@@ -974,13 +976,13 @@ def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
 
 
 def _describe(run: _Run) -> str:
-    data = run.studio["dataset"]
+    data, train = run.studio["dataset"], run.studio["train_precision"]
     return (
         f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val"
         + (f" / {data['num_test']} test (evaluated once, at the end)" if data.get("num_test") else "")
         + f" images at "
         f"{data['image_size']} px; {run.config.model} ({run.studio['weights_source']}) on {run.dist.device}, "
-        f"{run.precision.name}"
+        f"{run.precision.name}" + ("" if train == run.precision.name else f" (training in {train})")
     )
 
 

@@ -14,6 +14,7 @@ from conftest import TINY_MODEL, write_digits_folder
 
 from finetune.checkpoint import load_run, load_train_state
 from finetune.config import TrainConfig
+from finetune.engine import resolve_precision, training_precision
 from finetune.errors import ConfigError, DatasetError
 from finetune.evaluate import evaluate_folder
 from finetune.split import SPLIT_FILE, read_split
@@ -57,6 +58,10 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     # the recipe plan (finetune/recipe.py): a given size is kept; few images train the whole backbone
     assert (config["studio"]["plan"]["image_size"], config["studio"]["plan"]["frozen_groups"]) == (48, 0)
     assert config["studio"]["dataset"]["num_bad_files"] == 1
+    # training steps in the precision the rule gives this CPU; the probe and evaluation in the run's own
+    evaluation = resolve_precision("auto", torch.device("cpu"))
+    assert config["studio"]["precision"] == evaluation.name
+    assert config["studio"]["train_precision"] == training_precision(evaluation, "auto").name
     metrics = config["studio"]["metrics"]
     assert {"torch", "timm"} <= set(config["studio"]["versions"])
     epochs = json.loads((out / "metrics.json").read_text())["epochs"]
