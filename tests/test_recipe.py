@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data import Sample
-from finetune.recipe import FEW_IMAGES, FEW_SHOT_PER_CLASS, FREEZE_HALF, plan_recipe
+from finetune.recipe import FEW_IMAGES, FEW_SHOT_PER_CLASS, FREEZE_HALF, WHOLE_BACKBONE_MAX_PX, plan_recipe
 
 
 def _samples(tmp_path: Path, side: int, count: int) -> list[Sample]:
@@ -25,10 +25,18 @@ def test_many_small_images_train_at_twice_their_size_with_the_first_half_frozen(
     assert (plan.image_size, plan.frozen_groups) == (128, FREEZE_HALF)
 
 
-def test_many_tiny_images_train_at_64_px_not_96(tmp_path: Path) -> None:
-    """28 px images (Fashion-MNIST) at twice their size: 64 px (2.25x the updates of 96 px)."""
+def test_many_tiny_images_train_at_64_px_not_96_with_nothing_frozen(tmp_path: Path) -> None:
+    """28 px images (Fashion-MNIST) at twice their size: 64 px (2.25x the updates of 96 px), where a step
+    through the whole backbone is cheap and beat a half-frozen one at the same budget."""
     plan = plan_recipe(_samples(tmp_path, 28, FEW_IMAGES + 600), native_size=224)
-    assert (plan.image_size, plan.frozen_groups) == (64, FREEZE_HALF)
+    assert (plan.image_size, plan.frozen_groups) == (64, 0)
+    assert "whole backbone" in plan.reason
+    assert (
+        plan_recipe(
+            _samples(tmp_path, 28, FEW_IMAGES + 600), 224, img_size=WHOLE_BACKBONE_MAX_PX + 32
+        ).frozen_groups
+        == FREEZE_HALF
+    )
 
 
 def test_many_photos_train_at_native_size_with_the_first_half_frozen(tmp_path: Path) -> None:
