@@ -1,11 +1,12 @@
 """Benchmark: training and inference speed of the default backbone in fp32 and in bf16 autocast on this CPU.
 
-Why `training_precision()` (finetune/engine.py) trains in fp32 on CPUs without AMX while evaluation stays
-in bf16: one update (forward + backward + AdamW, the trainer's frozen BatchNorm statistics, channels_last)
-and one inference forward are timed in each precision, at several sizes, with the whole backbone trained or
-its first half frozen. Random pixels and labels: only the speed is measured. Run it alone on the machine.
+Why `training_precision()` (finetune/engine.py) trains small images in fp32 on CPUs without AMX while
+evaluation stays in bf16: one update (forward + backward + AdamW, the trainer's frozen BatchNorm
+statistics, channels_last) and one inference forward are timed in each precision, at several sizes, with
+the whole backbone trained or its first half frozen. Random pixels and labels: only the speed is measured.
+Run it alone on the machine.
 
-    python bench/train_precision.py [--sizes 32,64,128,224] [--batch 32]
+    python bench/train_precision.py [--sizes 32,64,96,128,224] [--batch 32]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def inference_ms_per_image(size: int, batch: int, bf16: bool, seconds: float = 4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="32,64,128,224")
+    parser.add_argument("--sizes", default="32,64,96,128,224")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)

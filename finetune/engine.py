@@ -23,6 +23,8 @@ from finetune.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
+FP32_TRAINING_MAX_PX = 96  # CPUs without AMX train at or below this size in fp32 (`training_precision`)
+
 
 @dataclass
 class TrainEvent:
@@ -88,22 +90,24 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(device, torch.bfloat16 if bf16_ok else None)
 
 
-def training_precision(precision: Precision, requested: str) -> Precision:
-    """The precision of training steps: `precision`, except fp32 for `auto` bf16 on a CPU without AMX.
+def training_precision(precision: Precision, requested: str, image_size: int) -> Precision:
+    """The precision of training steps: `precision`, except fp32 for small images on a CPU without AMX.
 
     bf16 autocast halves a CPU's forward pass, but not its backward pass. On the 2-core AMD EPYC (AVX-512
     BF16, no AMX) of our CI, tf_efficientnet_lite0 trained (forward + backward + AdamW, batch 32) faster in
-    fp32 on small images and as fast on large ones (`python bench/train_precision.py`, fp32 vs bf16 img/s):
-    whole backbone 32 px 382 vs 229, 64 px 192 vs 143, 128 px 60 vs 58, 224 px 18 vs 19; first half frozen
-    64 px 292 vs 178, 128 px 83 vs 82, 224 px 31 vs 33. Inference stays twice as fast in bf16 (64 px: 0.63
-    against 1.39 ms an image), so evaluation keeps `precision`. CPUs with AMX tiles (Intel Sapphire Rapids
-    and later) run bf16 on them and keep it. A rule, not a timing race, so that a run and its resume (and
-    two runs of one command) train in the same precision.
+    fp32 on small images and no faster on large ones (`python bench/train_precision.py`, fp32 vs bf16 img/s):
+    whole backbone 32 px 419 vs 217, 64 px 221 vs 144, 96 px 120 vs 99, 128 px 65 vs 67, 224 px 18 vs 23;
+    first half frozen 64 px 296 vs 191, 128 px 128 vs 108, 224 px 36 vs 37. Large fp32 activations also cost
+    memory (a 224 px run: 3.85 against 2.53 GB peak RSS), so fp32 is kept to FP32_TRAINING_MAX_PX. Inference
+    is faster in bf16 (64 px: 0.54 against 0.83 ms an image; 224 px: 8.5 against 19.5), so evaluation keeps
+    `precision`. CPUs with AMX tiles (Intel Sapphire Rapids and later) run bf16 on them and keep it. A rule,
+    not a timing race, so that a run and its resume (and two runs of one command) train in the same precision.
     """
     if requested != "auto" or precision.device.type != "cpu" or precision.dtype is None:
         return precision
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return precision if amx else Precision(precision.device, None)
+    if image_size > FP32_TRAINING_MAX_PX or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return precision
+    return Precision(precision.device, None)
 
 
 def cuda_autocast_dtype(requested: str, capability: tuple[int, int]) -> torch.dtype:

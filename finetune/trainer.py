@@ -275,7 +275,9 @@ def _prepare(
         },
         "plan": {"image_size": image_size, "frozen_groups": plan.frozen_groups, "reason": plan.reason},
         "precision": precision.name,  # evaluation and the probe's features
-        "train_precision": training_precision(precision, config.precision).name,  # fine-tuning updates
+        "train_precision": training_precision(
+            precision, config.precision, image_size
+        ).name,  # fine-tuning updates
         "device": str(dist.device),
         "world_size": dist.world_size,
     }
@@ -529,9 +531,10 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
     opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
-        precision=training_precision(run.precision, config.precision), dist=run.dist, mean=run.mean,
-        std=run.std, batch_size=rank_batch, seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip,
-        freeze_bn=config.freeze_bn, sample_weights=run.sample_weights,
+        precision=training_precision(run.precision, config.precision, run.studio["dataset"]["image_size"]),
+        dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch, seed=config.seed,
+        clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
+        sample_weights=run.sample_weights,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:

@@ -9,6 +9,7 @@ import torch
 
 from finetune import engine
 from finetune.engine import (
+    FP32_TRAINING_MAX_PX,
     Precision,
     cuda_autocast_dtype,
     fit_linear_probe,
@@ -54,18 +55,21 @@ def test_resolve_precision_on_cuda_reads_the_devices_capability(
     assert resolve_precision("fp32", torch.device("cuda", 0)).name == "fp32"
 
 
-def test_cpu_training_steps_run_in_fp32_unless_the_cpu_has_amx_or_bf16_is_asked_for(
+def test_cpu_training_steps_on_small_images_run_in_fp32_unless_the_cpu_has_amx_or_bf16_is_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """bench/train_precision.py: without AMX a CPU backpropagates faster in fp32; evaluation keeps bf16."""
+    """bench/train_precision.py: without AMX a CPU backpropagates faster in fp32 on small images, and large
+    fp32 activations cost memory for no speed; evaluation keeps bf16."""
     cpu_bf16 = Precision(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert training_precision(cpu_bf16, "auto").name == "fp32"
-    assert training_precision(cpu_bf16, "bf16") is cpu_bf16  # an explicit --precision is obeyed
+    assert training_precision(cpu_bf16, "auto", 64).name == "fp32"
+    assert training_precision(cpu_bf16, "auto", FP32_TRAINING_MAX_PX).name == "fp32"
+    assert training_precision(cpu_bf16, "auto", 224) is cpu_bf16
+    assert training_precision(cpu_bf16, "bf16", 64) is cpu_bf16  # an explicit --precision is obeyed
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert training_precision(cpu_bf16, "auto") is cpu_bf16
+    assert training_precision(cpu_bf16, "auto", 64) is cpu_bf16
     gpu_fp16 = Precision(torch.device("cuda", 0), torch.float16)
-    assert training_precision(gpu_fp16, "auto") is gpu_fp16
+    assert training_precision(gpu_fp16, "auto", 64) is gpu_fp16
 
 
 def imbalanced_features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     # training steps in the precision the rule gives this CPU; the probe and evaluation in the run's own
     evaluation = resolve_precision("auto", torch.device("cpu"))
     assert config["studio"]["precision"] == evaluation.name
-    assert config["studio"]["train_precision"] == training_precision(evaluation, "auto").name
+    assert config["studio"]["train_precision"] == training_precision(evaluation, "auto", 48).name
     metrics = config["studio"]["metrics"]
     assert {"torch", "timm"} <= set(config["studio"]["versions"])
     epochs = json.loads((out / "metrics.json").read_text())["epochs"]
