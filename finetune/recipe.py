@@ -13,7 +13,7 @@ a plain full fine-tune at 128 px and to a 224 px linear probe on data unlike dig
   With it, digits seed 0 gave 99.26% (148 s, ~104 img/s when the cores were free); the 224 px probe 95.7%.
 - Faces vs non-faces (25 px, 140 images): 100% at 96 px and at 224 px, as the probe and the plain loop.
 - Many tiny images (Fashion-MNIST, 48,000 training images of 28 px at 64 px, a 20-minute budget, official
-  test; bench/fashion_mnist.py, idle machine): first half frozen 91.70% (about 4 epochs, validation levelled
+  test; bench/fashion_mnist.py, idle machine): first half frozen 91.70% (3.3 epochs, validation levelled
   off at 92.1%); nothing frozen 92.23% in 2.2 epochs (bf16 steps), 92.41% in 3.3 (fp32 steps, 190 img/s:
   finetune/engine.py `training_precision`). At WHOLE_BACKBONE_MAX_PX and below a whole-backbone step is
   cheap, and images this far from ImageNet need their early layers adapted, so nothing is frozen there.

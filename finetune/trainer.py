@@ -109,7 +109,8 @@ class _Run:
     dist: DistContext
     emit: EventCallback
     should_stop: StopCheck
-    precision: Precision
+    precision: Precision  # the probe's features and every evaluation
+    train_precision: Precision  # the fine-tuning updates (engine.training_precision)
     model: torch.nn.Module
     labels: list[str]
     data_config: dict[str, Any]
@@ -253,6 +254,7 @@ def _prepare(
         logger.warning("%s", warning)
         emit(TrainEvent("status", message=f"Warning: {warning}"))
     precision = resolve_precision(config.precision, dist.device)
+    train_precision = training_precision(precision, config.precision, image_size)
     model.to(dist.device).to(memory_format=torch.channels_last)
     if task is not None:  # images showing each label
         counts = caches["train"].targets.sum(dim=0).numpy().astype(np.int64)
@@ -275,14 +277,13 @@ def _prepare(
         },
         "plan": {"image_size": image_size, "frozen_groups": plan.frozen_groups, "reason": plan.reason},
         "precision": precision.name,  # evaluation and the probe's features
-        "train_precision": training_precision(
-            precision, config.precision, image_size
-        ).name,  # fine-tuning updates
+        "train_precision": train_precision.name,  # fine-tuning updates
         "device": str(dist.device),
         "world_size": dist.world_size,
     }
     run = _Run(
-        config=config, dist=dist, emit=emit, should_stop=stop, precision=precision, model=model,
+        config=config, dist=dist, emit=emit, should_stop=stop, precision=precision,
+        train_precision=train_precision, model=model,
         labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
         val=caches["val"], studio=studio, test=caches.get("test"), plan=plan, multilabel=task,
     )  # fmt: skip
@@ -531,9 +532,8 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
     scaler = torch.amp.GradScaler("cuda") if run.precision.needs_grad_scaler else None
     opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
-        precision=training_precision(run.precision, config.precision, run.studio["dataset"]["image_size"]),
-        dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch, seed=config.seed,
-        clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
+        precision=run.train_precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
+        seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
         sample_weights=run.sample_weights,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
@@ -979,7 +979,7 @@ def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
 
 
 def _describe(run: _Run) -> str:
-    data, train = run.studio["dataset"], run.studio["train_precision"]
+    data, train = run.studio["dataset"], run.train_precision.name
     return (
         f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val"
         + (f" / {data['num_test']} test (evaluated once, at the end)" if data.get("num_test") else "")
