@@ -73,7 +73,13 @@ from finetune.split import (
     warn_about_classes,
     write_split,
 )
-from finetune.trust_fit import calibration_section, collect_outputs, draw_reliability, trust_sections
+from finetune.trust_fit import (
+    MAX_TRAIN_IMAGES,
+    calibration_section,
+    collect_outputs,
+    draw_reliability,
+    trust_sections,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ FP32_COST = 2.0  # the closing evaluation runs in fp32: about twice a bf16 forwa
 PROBE_SHARE = 0.25  # of the budget left after decoding, at most, for the probe's features (train + val)
 PROBE_CALIBRATION_IMAGES, MIN_PROBE_IMAGES = 64, 2000  # timed first batch; the smallest sample worth a probe
 CLOCK_SKIP, CLOCK_STEPS = 3, 10  # updates left untimed (allocator, caches), then timed, before re-planning
+CLOCK_GROWTH = 4  # later re-plans after 4x as many timed updates (40, 160, 640...), while the warmup lasts
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
 EMA_WARMUP_POWER = 0.75
@@ -613,13 +620,21 @@ def _step_costs(run: _Run, step_s: float) -> StepCosts:
     """Validation after each epoch and the closing fp32 passes, priced with the probe's measured forward
     time per image."""
     per_image = run.studio.get("forward_s_per_image") or 0.0
-    num_test = len(run.test) if run.test is not None else 0
     return StepCosts(
         step_s=step_s,
         eval_s=per_image * len(run.val) / run.dist.world_size,
-        # the kept model's closing passes: validation for the reports and again for calibration, then test/
-        final_s=per_image * FP32_COST * (2 * len(run.val) + num_test),
+        final_s=per_image * FP32_COST * _closing_images(run),
     )
+
+
+def _closing_images(run: _Run) -> int:
+    """Images the kept model's closing passes (`_finish`) classify: validation (reports, calibration, or a
+    multi-label run's thresholds), then a sample of training images (the "none of these" class means) and
+    test/."""
+    if run.multilabel is not None:
+        return len(run.val)
+    num_test = len(run.test) if run.test is not None else 0
+    return len(run.val) + min(len(run.train), MAX_TRAIN_IMAGES) + num_test
 
 
 def _remaining_s(run: _Run) -> float:
@@ -659,8 +674,11 @@ class _Schedule:
         self.optimizer, self.lr = optimizer, lr
         self.steps_per_epoch, self.warmup_epochs = steps_per_epoch, warmup_epochs
 
+    def warmup(self, total: int) -> int:
+        return warmup_steps(total, self.steps_per_epoch, self.warmup_epochs)
+
     def build(self, total: int) -> CosineLRScheduler:
-        warmup = warmup_steps(total, self.steps_per_epoch, self.warmup_epochs)
+        warmup = self.warmup(total)
         return CosineLRScheduler(
             self.optimizer, t_initial=max(1, total), lr_min=self.lr * 0.01, warmup_t=warmup,
             warmup_lr_init=self.lr * 0.01, t_in_epochs=False,
@@ -668,12 +686,15 @@ class _Schedule:
 
 
 class _StepClock:
-    """Times real updates, then fits the plan to the budget left: once early, and after every validation.
+    """Times real updates, then fits the plan to the budget left: early, and after every validation.
 
     The first plan guessed the update time from the probe's forward passes; a backward pass through a half
     frozen or a small-image network costs more or less than BACKWARD_COST forwards, and a shared machine
-    changes speed, so the count is corrected early (while the run is still warming up) and again after each
-    epoch, with the measured validation time, and the cosine decay is rebuilt over the new count.
+    changes speed, so the count is corrected early and again after each epoch, with the measured validation
+    time, and the cosine decay is rebuilt over the new count. The first updates run slower than the rest
+    (caches, allocator): planned on 10 of them alone, Fashion-MNIST's 4,498 updates left 97 s of its 1,200 s
+    unspent. So the count is re-fitted on more and more updates while the warmup lasts, when a larger count
+    only lengthens a decay that has not started; after it, only shrunk.
     """
 
     def __init__(self, run: _Run, opt: Optimization, schedule: _Schedule, wanted: int, done: int) -> None:
@@ -682,6 +703,7 @@ class _StepClock:
         self.last: float | None = None
         self.spent, self.timed = 0.0, 0
         self.eval_s: float | None = None
+        self.next_replan = CLOCK_STEPS
 
     def tick(self) -> None:
         now = time.perf_counter()
@@ -690,8 +712,11 @@ class _StepClock:
             self.spent += now - self.last
             self.timed += 1
         self.last = now
-        if self.timed == CLOCK_STEPS and self.eval_s is None:
-            self.replan(self.done_at_start + self.ticks)
+        if self.timed == self.next_replan and self.eval_s is None:
+            done = self.done_at_start + self.ticks
+            warming_up = done < self.schedule.warmup(self.opt.max_updates)
+            self.replan(done, may_grow=self.timed == CLOCK_STEPS or warming_up)
+            self.next_replan *= CLOCK_GROWTH
 
     def evaluated(self, seconds: float, done: int) -> None:
         """A validation pass (and its checkpoint) took `seconds`, not an update's time: re-plan with both."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -105,6 +106,34 @@ def test_a_budget_shorter_than_the_planned_epochs_ends_inside_an_epoch(tmp_path:
     assert CLOCK_SKIP + CLOCK_STEPS <= updates < wanted
     assert len(finetune_rows) == -(-updates // steps_per_epoch)  # every started epoch was validated
     assert result.metrics["wall_s"] <= total
+
+
+def test_a_plan_made_on_slow_first_updates_grows_while_the_warmup_lasts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first updates are slow (0.3 s), the rest fast (0.02 s): the plan made on the first ones is
+    re-fitted on more updates during the warmup and grows, so the budget is spent instead of left over."""
+    data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=100)
+    # re-plans after 2, 4, 8... timed updates: inside the warmup of a short run (20% of its updates)
+    monkeypatch.setattr(trainer, "CLOCK_STEPS", 2)
+    monkeypatch.setattr(trainer, "CLOCK_GROWTH", 2)
+    steps: list[int] = []
+
+    def slow_start(event) -> None:  # noqa: ANN001
+        if event.kind == "step" and event.phase == "finetune":
+            steps.append(event.step)
+            time.sleep(0.3 if len(steps) <= CLOCK_SKIP + 2 else 0.02)
+
+    caplog.set_level("INFO", logger="finetune.trainer")
+    result = fine_tune(_tiny_run(data, tmp_path / "run", budget_s=25, warmup_epochs=5), on_event=slow_start)
+    pattern = re.compile(r"planning (\d+) updates instead of (\d+)")
+    matches = [pattern.search(record.getMessage()) for record in caplog.records]
+    plans = [(int(m.group(2)), int(m.group(1))) for m in matches if m]  # (old, new)
+    first_plan = plans[0][1]
+    assert first_plan < 9 * 20, "the slow first updates must have cut the plan below the wanted 9 epochs"
+    assert any(new > old for old, new in plans[1:]), plans
+    updates = [row for row in result.history if row["phase"] == "finetune"][-1]["updates"]
+    assert updates > first_plan
 
 
 def test_the_probe_samples_training_images_when_their_features_do_not_fit(
