@@ -4,13 +4,17 @@ Deciding in whole epochs made a large dataset keep the linear probe (issue 19: 6
 an estimated 566 s an epoch against a 900 s budget, 87.3%): a fraction of an epoch of fine-tuning already
 beats the probe. So the plan counts updates: full epochs while they fit, then the updates of a last partial
 epoch, each epoch followed by its validation pass, with the closing evaluation kept aside. The cosine
-schedule then decays over exactly those updates (`finetune.trainer` rebuilds it once the real step time is
-measured, so a wrong first estimate costs a few seconds, not the budget).
+schedule then decays over exactly those updates (`finetune.trainer` re-fits the count as it measures the
+real step time, so a wrong first estimate or a machine that changes speed costs seconds, not the budget).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+from timm.scheduler import CosineLRScheduler
 
 MIN_FINETUNE_STEPS = 20  # fewer updates than this cannot move a probe-initialised network: keep the probe
 WARMUP_SHARE = 0.2  # warmup takes at most this share of the updates a run can afford
@@ -52,3 +56,54 @@ def affordable_steps(
 def warmup_steps(total_steps: int, steps_per_epoch: int, warmup_epochs: float) -> int:
     """`warmup_epochs` of updates, but never more than WARMUP_SHARE of a run cut short by the budget."""
     return max(0, min(int(warmup_epochs * steps_per_epoch), int(total_steps * WARMUP_SHARE)))
+
+
+class BudgetCosine(CosineLRScheduler):
+    """timm's warmup + cosine over updates, whose end can move while it runs.
+
+    The budget's plan changes its number of updates as it measures the machine. Rebuilding timm's cosine
+    over a new count makes the learning rate jump (a longer plan moves it back up), so a plan changed after
+    the warmup re-anchors instead: from the update it is changed at, the rate decays from its current value
+    to the same floor over the updates left. The anchor is plain numbers in `state_dict()`: a resume keeps it.
+    """
+
+    anchor_t: int | None = None
+    anchor_values: list[float] | None = None
+
+    def retarget(self, total: int, done: int) -> None:
+        """End the decay at update `total` instead, continuing from the rate of update `done`."""
+        self.anchor_values = self._get_lr(done)
+        self.anchor_t = done
+        self.t_initial = max(done + 1, total)
+
+    def _get_lr(self, t: int) -> list[float]:
+        if self.anchor_t is None or self.anchor_values is None or t < self.anchor_t:
+            return super()._get_lr(t)
+        progress = min(1.0, (t - self.anchor_t) / max(1, self.t_initial - self.anchor_t))
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+        return [self.lr_min + (value - self.lr_min) * decay for value in self.anchor_values]
+
+
+class UpdateSchedule:
+    """The warmup + cosine of a run whose update count the budget may change (`refit`) while it trains."""
+
+    def __init__(self, optimizer: Any, lr: float, steps_per_epoch: int, warmup_epochs: float) -> None:
+        self.optimizer, self.lr = optimizer, lr
+        self.steps_per_epoch, self.warmup_epochs = steps_per_epoch, warmup_epochs
+
+    def build(self, total: int) -> BudgetCosine:
+        return BudgetCosine(
+            self.optimizer, t_initial=max(1, total), lr_min=self.lr * 0.01,
+            warmup_t=warmup_steps(total, self.steps_per_epoch, self.warmup_epochs),
+            warmup_lr_init=self.lr * 0.01, t_in_epochs=False,
+        )  # fmt: skip
+
+    def refit(self, scheduler: BudgetCosine, total: int, done: int) -> BudgetCosine:
+        """The schedule for `total` updates, `done` of them made: rebuilt while the warmup (which depends on
+        `total`) lasts, re-anchored after it."""
+        if done < scheduler.warmup_t and scheduler.anchor_t is None:
+            scheduler = self.build(total)
+        else:
+            scheduler.retarget(total, done)
+        scheduler.step_update(num_updates=done)
+        return scheduler

@@ -14,7 +14,14 @@ import torch
 from conftest import TINY_MODEL, write_digits_folder
 
 from finetune import trainer
-from finetune.budget import MIN_FINETUNE_STEPS, StepCosts, affordable_steps, warmup_steps
+from finetune.budget import (
+    MIN_FINETUNE_STEPS,
+    BudgetCosine,
+    StepCosts,
+    UpdateSchedule,
+    affordable_steps,
+    warmup_steps,
+)
 from finetune.config import TrainConfig
 from finetune.data import CachedImages, CachedPixels
 from finetune.distributed import DistContext
@@ -53,6 +60,44 @@ def test_updates_already_made_count_and_the_rest_of_their_epoch_is_priced() -> N
 def test_warmup_is_an_epoch_but_never_most_of_a_short_run() -> None:
     assert warmup_steps(total_steps=186, steps_per_epoch=31, warmup_epochs=1.0) == 31
     assert warmup_steps(total_steps=880, steps_per_epoch=1500, warmup_epochs=1.0) == 176
+
+
+def _group_lr(scheduler: BudgetCosine, update: int) -> float:
+    scheduler.step_update(num_updates=update)
+    return scheduler.optimizer.param_groups[0]["lr"]
+
+
+def test_a_longer_plan_after_the_warmup_continues_the_decay_without_a_jump() -> None:
+    """Re-planned from 100 to 150 updates at update 60: the rate at 60 is unchanged, it never rises again,
+    and it reaches the same floor at 150 (a rebuilt cosine would have jumped up at 60)."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    schedule = UpdateSchedule(optimizer, lr=1.0, steps_per_epoch=10, warmup_epochs=1.0)
+    scheduler = schedule.build(100)
+    before = _group_lr(scheduler, 60)
+    rebuilt = _group_lr(schedule.build(150), 60)
+    scheduler = schedule.refit(scheduler, total=150, done=60)
+    assert _group_lr(scheduler, 60) == pytest.approx(before) and rebuilt > before * 1.5
+    rates = [_group_lr(scheduler, update) for update in range(60, 151)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rates, rates[1:], strict=False))
+    assert rates[-1] == pytest.approx(0.01) and rates[45] > 0.01 * 2  # the floor at 150, not before
+    shorter = schedule.refit(scheduler, total=120, done=90)  # a shorter plan later: still continuous
+    assert _group_lr(shorter, 90) == pytest.approx(rates[30])
+    assert _group_lr(shorter, 120) == pytest.approx(0.01)
+
+
+def test_a_plan_changed_during_the_warmup_rebuilds_it_and_the_anchor_survives_a_json_resume() -> None:
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    schedule = UpdateSchedule(optimizer, lr=1.0, steps_per_epoch=50, warmup_epochs=1.0)
+    scheduler = schedule.build(100)  # warmup: 20% of 100 updates
+    assert scheduler.warmup_t == 20
+    scheduler = schedule.refit(scheduler, total=200, done=5)
+    assert scheduler.warmup_t == 40 and scheduler.anchor_t is None
+    scheduler = schedule.refit(scheduler, total=150, done=80)
+    state = json.loads(json.dumps(scheduler.state_dict()))
+    resumed = schedule.build(999)
+    resumed.load_state_dict(state)
+    updates = (80, 120, 150)
+    assert [_group_lr(resumed, u) for u in updates] == [_group_lr(scheduler, u) for u in updates]
 
 
 def test_train_one_epoch_stops_at_the_planned_last_update() -> None:
@@ -108,13 +153,13 @@ def test_a_budget_shorter_than_the_planned_epochs_ends_inside_an_epoch(tmp_path:
     assert result.metrics["wall_s"] <= total
 
 
-def test_a_plan_made_on_slow_first_updates_grows_while_the_warmup_lasts(
+def test_a_plan_made_on_slow_first_updates_grows_when_later_ones_are_faster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The first updates are slow (0.3 s), the rest fast (0.02 s): the plan made on the first ones is
-    re-fitted on more updates during the warmup and grows, so the budget is spent instead of left over."""
+    re-fitted on the later ones and grows, so the budget is spent instead of left over."""
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=100)
-    # re-plans after 2, 4, 8... timed updates: inside the warmup of a short run (20% of its updates)
+    # re-plans after 2, 4, 8... timed updates (a short run)
     monkeypatch.setattr(trainer, "CLOCK_STEPS", 2)
     monkeypatch.setattr(trainer, "CLOCK_GROWTH", 2)
     steps: list[int] = []
