@@ -15,8 +15,8 @@ Fashion-MNIST items, 56 px images, tf_efficientnet_lite0, 2 shared CPU cores):
   0.781 -> 0.814 validation mAP on 1,000 mosaics; 0.797 -> 0.842 test mAP on 3,000), so `plan_resolution`
   trains small multi-label images at native size (explicit --img-size wins).
 - Updates: each label learns only from the images that show it and from its own binary loss, so the
-  single-label count (about 180 updates, at least 4 epochs) stops early: validation mAP still rose 1-2 points
-  an epoch at the end of 4 (0.80 -> 0.83 -> 0.88 -> 0.90 -> 0.91). `wanted_steps` asks for about
+  single-label count (about 180 updates, at least 4 epochs then) stopped early: validation mAP still rose
+  1-2 points an epoch at the end of 4 (0.80 -> 0.83 -> 0.88 -> 0.90 -> 0.91). `wanted_steps` asks for about
   TARGET_STEPS instead; the time budget still cuts a run that cannot afford them (finetune/budget.py).
 """
 

@@ -13,8 +13,10 @@ import timm
 import torch
 from conftest import TINY_MODEL, write_digits_folder
 
-from finetune import trainer
+from finetune import budget, trainer
 from finetune.budget import (
+    CLOCK_SKIP,
+    CLOCK_STEPS,
     MIN_FINETUNE_STEPS,
     BudgetCosine,
     StepCosts,
@@ -26,7 +28,7 @@ from finetune.config import TrainConfig
 from finetune.data import CachedImages, CachedPixels
 from finetune.distributed import DistContext
 from finetune.engine import EpochSettings, Optimization, Precision, train_one_epoch
-from finetune.trainer import CLOCK_SKIP, CLOCK_STEPS, fine_tune
+from finetune.trainer import fine_tune
 
 
 def test_whole_epochs_fit_when_the_budget_allows() -> None:
@@ -160,8 +162,8 @@ def test_a_plan_made_on_slow_first_updates_grows_when_later_ones_are_faster(
     re-fitted on the later ones and grows, so the budget is spent instead of left over."""
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1), per_class=100)
     # re-plans after 2, 4, 8... timed updates (a short run)
-    monkeypatch.setattr(trainer, "CLOCK_STEPS", 2)
-    monkeypatch.setattr(trainer, "CLOCK_GROWTH", 2)
+    monkeypatch.setattr(budget, "CLOCK_STEPS", 2)
+    monkeypatch.setattr(budget, "CLOCK_GROWTH", 2)
     steps: list[int] = []
 
     def slow_start(event) -> None:  # noqa: ANN001
@@ -169,7 +171,7 @@ def test_a_plan_made_on_slow_first_updates_grows_when_later_ones_are_faster(
             steps.append(event.step)
             time.sleep(0.3 if len(steps) <= CLOCK_SKIP + 2 else 0.02)
 
-    caplog.set_level("INFO", logger="finetune.trainer")
+    caplog.set_level("INFO", logger="finetune.budget")
     result = fine_tune(_tiny_run(data, tmp_path / "run", budget_s=25, warmup_epochs=5), on_event=slow_start)
     pattern = re.compile(r"planning (\d+) updates instead of (\d+)")
     matches = [pattern.search(record.getMessage()) for record in caplog.records]
