@@ -86,8 +86,9 @@ BAD_FILES = "bad_files.txt"
 # `auto` wants about TARGET_STEPS updates in whole epochs, and at least MIN_AUTO_EPOCHS of a large set: the
 # budget cuts what it cannot afford. Fashion-MNIST (48,000 images, 1,500 updates an epoch) wanted 4 and,
 # on a quiet machine, finished them with 123 of its 1,200 s unspent while validation still rose (92.7 ->
-# 93.2% in the 4th); at 6 it spends the budget instead. Sets under 1,440 images (digits: 6 epochs of 31
-# updates) and multi-label runs (their own wanted_steps) want as many updates as before.
+# 93.2% in the 4th); at 6 it spends the budget instead. Sets of up to ~1,150 training images (35 updates an
+# epoch or fewer; digits: 6 epochs of 31) already wanted 6 epochs or more, and so did issue 16's multi-label
+# mosaics (75 updates an epoch, multilabel_train.wanted_steps); larger sets now want up to 2 epochs more.
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS, TARGET_STEPS = 6, 20, 180
 BACKWARD_COST = 3.0  # a training step costs about 3 forward passes (forward + backward + optimizer)
 FP32_COST = 2.0  # the closing evaluation runs in fp32: about twice a bf16 forward on CPU
