@@ -28,7 +28,7 @@ class, 75.0 / 76.4 / 81.8% at 20):
   lr 1e-4: 74.0, 74.2, (probe) 75.4% | 20/class, lr 1e-3: (probe) 74.8 vs the probe's 75.0, 73.4 vs 76.4%
 
 So below FEW_SHOT_PER_CLASS training images per class (median), `auto` fits the probe only, and refits its
-head on training + validation features at the end (finetune/trainer.py `_refit_probe`, L2 strength by
+head on training + validation features at the end (finetune/run_finish.py `_refit_probe`, L2 strength by
 k-fold: finetune/probe_refit.py): every image counts, and the held-out figures are those of the head fitted
 on training images alone. The default then scored 78.0 / 76.4 / 77.2% (10 per class) and 75.2 / 76.4 / 81.8%
 (20 per class), in 22-28 s: at or above the probe on all six.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
-from finetune import checkpoint, labels_csv, multilabel_train, reports
+from finetune import checkpoint, labels_csv, multilabel_train
 from finetune.budget import MIN_FINETUNE_STEPS, StepClock, StepCosts, UpdateSchedule, affordable_steps
 from finetune.config import TrainConfig
 from finetune.data import (
@@ -34,36 +33,31 @@ from finetune.data import (
     scan_dataset,
     write_bad_files,
 )
-from finetune.decode_budget import return_freed_memory
 from finetune.distributed import DistContext, init_distributed
 from finetune.engine import (
     EpochSettings,
-    EvalResult,
     EventCallback,
     Optimization,
-    Precision,
     StopCheck,
     TrainEvent,
     evaluate,
     extract_features,
     fit_linear_probe,
-    logits_metrics,
     probe_metrics,
     resolve_precision,
     train_one_epoch,
     training_precision,
 )
 from finetune.errors import ConfigError, DatasetError, StoppedError
-from finetune.inspect import add_top_losses, apply_exclusions, check_run_data
-from finetune.model_card import write_model_card
+from finetune.inspect import apply_exclusions, check_run_data
 from finetune.modeling import (
     create_model_and_transforms,
     draft_size_for,
     resolve_model_data_config,
     split_eval_transform,
 )
-from finetune.probe_refit import FOLDS, fit_few_shot_head
-from finetune.recipe import RecipePlan, plan_recipe
+from finetune.recipe import plan_recipe
+from finetune.run_finish import finish, finished_result
 from finetune.split import (
     SPLIT_FILE,
     compare_with_folder,
@@ -72,13 +66,17 @@ from finetune.split import (
     warn_about_classes,
     write_split,
 )
-from finetune.trust_fit import (
-    MAX_TRAIN_IMAGES,
-    calibration_section,
-    collect_outputs,
-    draw_reliability,
-    trust_sections,
+from finetune.training_run import (
+    TrainingRun,
+    TrainResult,
+    history_row,
+    is_better,
+    keeps_probe,
+    record,
+    save_state,
+    uses_probe,
 )
+from finetune.trust_fit import MAX_TRAIN_IMAGES
 
 logger = logging.getLogger(__name__)
 
@@ -97,50 +95,6 @@ PROBE_CALIBRATION_IMAGES, MIN_PROBE_IMAGES = 64, 2000  # timed first batch; the 
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
 EMA_WARMUP_POWER = 0.75
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run produced."""
-
-    run_dir: Path
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]]
-    strategy_used: str
-    interrupted: bool = False
-    bad_files: list[tuple[Path, str]] = field(default_factory=list)
-
-
-@dataclass
-class _Run:
-    """Everything one training run holds, passed between the phases below."""
-
-    config: TrainConfig
-    dist: DistContext
-    emit: EventCallback
-    should_stop: StopCheck
-    precision: Precision  # the probe's features and every evaluation
-    train_precision: Precision  # the fine-tuning updates (engine.training_precision)
-    model: torch.nn.Module
-    labels: list[str]
-    data_config: dict[str, Any]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train: CachedImages
-    val: CachedImages
-    studio: dict[str, Any]
-    test: CachedImages | None = None  # a test/ folder: evaluated once at the end, never used to choose
-    plan: RecipePlan | None = None  # resolution and frozen groups `auto` chose (finetune/recipe.py)
-    class_weights: torch.Tensor | None = None
-    multilabel: multilabel_train.MultiLabelTask | None = None  # a labels CSV: sigmoid outputs
-    sample_weights: torch.Tensor | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=dict)  # metrics row of the best checkpoint so far
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.out
 
 
 def fine_tune(
@@ -163,7 +117,7 @@ def fine_tune(
         config = TrainConfig.from_dict({**state["config"], "out": str(config.out), "quiet": config.quiet})
         if state.get("finished"):
             emit(TrainEvent("status", message="This run already finished; nothing to resume."))
-            return _finished_result(config, state)
+            return finished_result(config, state)
     else:  # on every process (rank 0 writes nothing before they all meet), so all of them stop with the error
         _check_new_run_dir(config.out)
     _check_batch_split(config.batch_size, dist.world_size)
@@ -172,36 +126,25 @@ def fine_tune(
     if state is not None:
         _restore(run, state)
     phase_done = state["phase"] if state is not None else None
-    run.studio["plan"]["probe_only"] = _keeps_probe(run)
+    run.studio["plan"]["probe_only"] = keeps_probe(run)
     if run.plan is not None and run.plan.probe_only and not run.studio["plan"]["probe_only"]:
         run.studio["plan"]["reason"] = run.plan.reason.rsplit("; ", 1)[0]  # --epochs N: it fine-tunes
     if run.studio["plan"]["probe_only"]:
         run.emit(TrainEvent("status", message=f"Few-shot data: {run.plan.reason.rsplit('; ', 1)[-1]}; "
                                               "its head is refitted on train + val at the end"))  # fmt: skip
     interrupted = False
-    if phase_done is None and _uses_probe(run):
+    if phase_done is None and uses_probe(run):
         interrupted = _linear_probe(run)
     elif phase_done is None:
-        _save_state(run, phase="probe", epoch=0, epochs=0)
-    if not interrupted and config.strategy != "linear" and not _keeps_probe(run):
+        save_state(run, phase="probe", epoch=0, epochs=0)
+    if not interrupted and config.strategy != "linear" and not keeps_probe(run):
         interrupted = _fine_tune_epochs(run, state if phase_done == "finetune" else None)
-    return _finish(run, interrupted)
-
-
-def _keeps_probe(run: _Run) -> bool:
-    """`auto` on few-shot data (finetune/recipe.py): the probe only, refitted on train + val at the end.
-
-    Only when `auto` chooses the epochs: --epochs N or another strategy asks for fine-tuning."""
-    config = run.config
-    return (
-        config.strategy == "auto" and not config.epochs and run.plan is not None and run.plan.probe_only
-        and run.multilabel is None and _uses_probe(run)
-    )  # fmt: skip
+    return finish(run, interrupted)
 
 
 def _prepare(
     config: TrainConfig, dist: DistContext, emit: EventCallback, stop: StopCheck, resume: bool = False
-) -> _Run:
+) -> TrainingRun:
     emit(TrainEvent("status", message=f"Scanning {config.data_dir}"))
     split = _dataset_split(config, dist, resume)
     if not split.val:
@@ -291,7 +234,7 @@ def _prepare(
         "device": str(dist.device),
         "world_size": dist.world_size,
     }
-    run = _Run(
+    run = TrainingRun(
         config=config, dist=dist, emit=emit, should_stop=stop, precision=precision,
         train_precision=train_precision, model=model,
         labels=split.classes, data_config=data_config, mean=mean, std=std, train=caches["train"],
@@ -373,7 +316,7 @@ def _check_batch_split(batch_size: int, world_size: int) -> None:
         )
 
 
-def _set_balance(run: _Run, counts: np.ndarray) -> None:
+def _set_balance(run: TrainingRun, counts: np.ndarray) -> None:
     mode = run.config.balance
     ratio = counts.max() / max(counts.min(), 1)
     if mode == "auto":
@@ -388,16 +331,7 @@ def _set_balance(run: _Run, counts: np.ndarray) -> None:
         run.sample_weights = inverse[run.train.targets]
 
 
-def _uses_probe(run: _Run) -> bool:
-    is_linear_head = isinstance(run.model.get_classifier(), torch.nn.Linear)
-    if run.config.strategy == "linear" and not is_linear_head:
-        raise ConfigError(
-            f"--strategy linear needs a linear classifier; {run.config.model} has another head."
-        )
-    return run.config.strategy in ("auto", "linear", "lp-ft") and is_linear_head
-
-
-def _linear_probe(run: _Run) -> bool:
+def _linear_probe(run: TrainingRun) -> bool:
     """Fit the head on frozen features; it seeds fine-tuning and is the first 'best' checkpoint."""
     run.emit(TrainEvent("status", phase="probe", message="Linear probe: extracting features"))
     started = time.perf_counter()
@@ -460,14 +394,14 @@ def _linear_probe(run: _Run) -> bool:
         result = probe_metrics(head, val_features, run.val.targets)
         train_result = probe_metrics(head, train_features, train.targets)
         train_fields = {"train_loss": train_result.loss, "train_acc": train_result.top1}
-    row = _history_row(run, "probe", 0, result, train_fields)
+    row = history_row(run, "probe", 0, result, train_fields)
     row["time_s"] = time.perf_counter() - started
     run.studio["forward_s_per_image"] = forward_s_per_image
-    _record(run, row, improved=True, epochs=0)
+    record(run, row, improved=True, epochs=0)
     return False
 
 
-def _probe_training_images(run: _Run) -> torch.Tensor | None:
+def _probe_training_images(run: TrainingRun) -> torch.Tensor | None:
     """None (all training images), or a random sample whose features fit PROBE_SHARE of the budget left.
 
     At 224 px on 60,000 images extracting every feature alone takes longer than a 5-minute budget; a probe
@@ -495,7 +429,7 @@ def _probe_training_images(run: _Run) -> torch.Tensor | None:
     return order[:fits].sort().values
 
 
-def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
+def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     """Full fine-tuning with early stopping; returns True when stopped by a request.
 
     Under `auto` the run makes the updates the time budget affords (finetune/budget.py), possibly ending
@@ -586,12 +520,12 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
             )
         else:
             result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
-        row = _history_row(run, "finetune", epoch, result, train_metrics)
+        row = history_row(run, "finetune", epoch, result, train_metrics)
         row["time_s"] = time.perf_counter() - started
         row["updates"] = num_updates
-        improved = _is_better(row, run.best)
+        improved = is_better(row, run.best)
         stale = 0 if improved else stale + 1
-        _record(run, row, improved, epochs, eval_model)
+        record(run, row, improved, epochs, eval_model)
         state_extra = {
             "optimizer": optimizer.state_dict(),
             "scheduler": opt.scheduler.state_dict(),
@@ -599,7 +533,7 @@ def _fine_tune_epochs(run: _Run, state: dict[str, Any] | None) -> bool:
         }
         if ema is not None:
             state_extra["ema"] = ema.module.state_dict()
-        _save_state(run, "finetune", epoch, epochs, num_updates=num_updates, stale=stale, **state_extra)
+        save_state(run, "finetune", epoch, epochs, num_updates=num_updates, stale=stale, **state_extra)
         if clock is not None:
             clock.evaluated(time.perf_counter() - evaluating, num_updates)
         if run.dist.any_true(stale >= config.patience):
@@ -624,7 +558,7 @@ def _wanted_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return epochs * steps_per_epoch
 
 
-def _step_costs(run: _Run, step_s: float) -> StepCosts:
+def _step_costs(run: TrainingRun, step_s: float) -> StepCosts:
     """Validation after each epoch and the closing fp32 passes, priced with the probe's measured forward
     time per image."""
     per_image = run.studio.get("forward_s_per_image") or 0.0
@@ -635,8 +569,8 @@ def _step_costs(run: _Run, step_s: float) -> StepCosts:
     )
 
 
-def _closing_images(run: _Run) -> int:
-    """Images the kept model's closing passes (`_finish`) classify: validation (reports, calibration, or a
+def _closing_images(run: TrainingRun) -> int:
+    """Images the kept model's closing passes (`finish`) classify: validation (reports, calibration, or a
     multi-label run's thresholds), then a sample of training images (the "none of these" class means) and
     test/."""
     if run.multilabel is not None:
@@ -645,11 +579,11 @@ def _closing_images(run: _Run) -> int:
     return len(run.val) + min(len(run.train), MAX_TRAIN_IMAGES) + num_test
 
 
-def _remaining_s(run: _Run) -> float:
+def _remaining_s(run: TrainingRun) -> float:
     return run.config.time_budget_s - (time.perf_counter() - run.started)
 
 
-def _plan_steps(run: _Run, steps_per_epoch: int, wanted: int) -> int:
+def _plan_steps(run: TrainingRun, steps_per_epoch: int, wanted: int) -> int:
     """The updates to plan for before any is timed: the probe's forward time x BACKWARD_COST a step.
 
     Timings differ between processes, so rank 0 decides for all of them.
@@ -701,92 +635,7 @@ def _wrap_distributed(model: torch.nn.Module, dist: DistContext) -> torch.nn.Mod
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
-    """Higher top-1 wins; on a tie, the lower validation loss.
-
-    The probe and fine-tuning are trained on the same loss (class weights, label smoothing, sampler) and
-    scored with the same plain cross-entropy, so a tie is not decided by which phase smoothed its labels.
-    """
-    if not best:
-        return True
-    key = "val_map" if "val_map" in row else "val_top1"  # multi-label runs rank by mAP
-    if row[key] != best[key]:
-        return row[key] > best[key]
-    return row["val_loss"] < best["val_loss"]
-
-
-def _history_row(
-    run: _Run,
-    phase: str,
-    epoch: int,
-    result: EvalResult | multilabel_train.MultiLabelEval,
-    train: dict[str, float],
-) -> dict[str, Any]:
-    if isinstance(result, multilabel_train.MultiLabelEval):
-        scores = result.row()
-    else:
-        scores = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5}
-    return {"epoch": epoch, "phase": phase, **train, **scores, "elapsed_s": time.perf_counter() - run.started}
-
-
-def _record(
-    run: _Run, row: dict[str, Any], improved: bool, epochs: int, model: torch.nn.Module | None = None
-) -> None:
-    """Log an epoch, keep the best weights, refresh metrics.json and curves.png."""
-    run.history.append(row)
-    if improved:
-        run.best = dict(row)
-    if run.dist.is_main:
-        if improved:
-            checkpoint.save_run(run.run_dir, model or run.model, run.labels, run.data_config, _studio(run))
-        reports.write_history(run.run_dir, run.history)
-    if row["phase"] == "probe":
-        _save_state(run, "probe", 0, epochs)
-    run.emit(TrainEvent("epoch", row["phase"], row["epoch"], epochs, metrics={**row, "improved": improved}))
-
-
-def _studio(run: _Run) -> dict[str, Any]:
-    best = run.best
-    metrics = {
-        "val_top1": best.get("val_top1"),
-        "val_top5": best.get("val_top5"),
-        "val_loss": best.get("val_loss"),
-        "best_epoch": best.get("epoch"),
-        "strategy_used": "linear" if best.get("phase") == "probe" else _fine_tune_name(run.config.strategy),
-        "selected_on": "validation top-1, then validation loss",  # what chose the kept weights
-        "epochs_run": max((row["epoch"] for row in run.history), default=0),
-        "wall_s": time.perf_counter() - run.started,
-    }
-    if run.multilabel is not None:
-        metrics.update({k: best.get(k) for k in ("val_map", "val_micro_f1", "val_macro_f1")})
-        metrics["selected_on"] = "validation mAP, then validation loss"
-    return {**run.studio, "metrics": metrics}
-
-
-def _fine_tune_name(strategy: str) -> str:
-    return "finetune" if strategy == "finetune" else "lp-ft"
-
-
-def _save_state(run: _Run, phase: str, epoch: int, epochs: int, **extra: Any) -> None:
-    if not run.dist.is_main:
-        return
-    state = {
-        "config": run.config.to_dict(),
-        "phase": phase,
-        "epoch": epoch,
-        "epochs": epochs,
-        "model": run.model.state_dict(),
-        "best": run.best,
-        "history": run.history,
-        "studio": run.studio,
-        "num_updates": extra.pop("num_updates", 0),
-        "stale": extra.pop("stale", 0),
-        **extra,
-    }
-    checkpoint.save_train_state(run.run_dir, state)
-
-
-def _restore(run: _Run, state: dict[str, Any]) -> None:
+def _restore(run: TrainingRun, state: dict[str, Any]) -> None:
     run.model.load_state_dict(state["model"])
     run.best = state["best"]
     run.history = state["history"]
@@ -795,142 +644,7 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
     run.emit(TrainEvent("status", message=f"Resuming after {state['phase']} epoch {state['epoch']}"))
 
 
-def _finish(run: _Run, interrupted: bool) -> TrainResult:
-    """Evaluate the kept checkpoint once more for reports, and once on test/ when there is one.
-
-    The validation scores chose the kept weights, so they flatter it a little; test/ took no part in training
-    or in that choice, so its scores are the unbiased estimate.
-    """
-    bad = [file for cache in (run.train, run.val, run.test) if cache is not None for file in cache.bad_files]
-    return_freed_memory()  # the heap training fragmented goes back to the OS before the closing passes
-    if not run.best:
-        return TrainResult(run.run_dir, {}, run.history, "none", interrupted, bad)
-    studio = _studio(run)
-    if run.multilabel is not None:
-        return _finish_multilabel(run, interrupted, studio, bad)
-    if run.dist.is_main:
-        best = checkpoint.load_run(run.run_dir, device=run.dist.device)
-        # fp32 so the stored score is what `finetune.evaluate` reproduces from the saved files
-        fp32 = Precision(run.dist.device, None)
-        # one fp32 pass over validation serves the reports and the calibration / "none of these" fit
-        val_outputs = collect_outputs(best.model, run.val, run.mean, run.std, run.dist.device)
-        result = logits_metrics(torch.from_numpy(val_outputs[0]), run.val.targets)
-        matrix = reports.confusion_matrix(
-            result.targets.tolist(), result.predictions.tolist(), len(run.labels)
-        )
-        report = reports.write_reports(run.run_dir, matrix, run.labels)
-        add_top_losses(run.run_dir, run.config.data_dir, run.val, result.logits, run.labels)
-        studio["metrics"].update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
-        studio["metrics"]["val_macro_f1"] = report["macro avg"]["f1"]
-        studio.update(trust_sections(best.model, run.train, run.val, run.mean, run.std, run.dist.device,
-                                     len(run.labels), run.config.accept_rate,
-                                     run.run_dir / "reliability.png", val_outputs))  # fmt: skip
-        if _keeps_probe(run) and run.best.get("phase") == "probe":
-            _refit_probe(run, best.model, val_outputs[1], studio)
-        if run.test is not None and len(run.test):
-            studio["metrics"].update(_test_metrics(run, best.model, fp32))
-        studio["metrics"]["interrupted"] = interrupted
-        _save_final(run, best.model, studio, interrupted)
-    run.dist.barrier()
-    run.emit(TrainEvent("done", metrics=studio["metrics"]))
-    return TrainResult(
-        run.run_dir, studio["metrics"], run.history, studio["metrics"]["strategy_used"], interrupted, bad
-    )
-
-
-def _refit_probe(run: _Run, model: torch.nn.Module, val_features: np.ndarray, studio: dict[str, Any]) -> None:
-    """Fit the kept probe's head again on training + validation features, into `model`; record it in `studio`.
-
-    With a few images per class every one counts, and k-fold over all of them picks the head's L2 strength
-    (finetune/probe_refit.py). The reported validation scores stay those of the head fitted on training
-    images alone (held out); the "none of these" rule does not depend on the head (cosine distance of the
-    features to the class means); the temperature is refitted on the k-fold's out-of-fold logits: the
-    refitted head's own scale, measured on images that each fold held out.
-    """
-    _, train_features = collect_outputs(model, run.train, run.mean, run.std, run.dist.device)
-    features = torch.from_numpy(np.concatenate([train_features, val_features]))
-    targets = torch.cat([run.train.targets, run.val.targets])
-    weights = None if run.class_weights is None else run.class_weights[targets]
-    if run.sample_weights is not None:  # --balance sampler: the same inverse frequency over both
-        counts = torch.bincount(targets, minlength=len(run.labels)).float()
-        weights = (counts.sum() / (len(counts) * counts.clamp(min=1)))[targets]
-    head = fit_few_shot_head(features, targets, len(run.labels), weights, run.config.seed)
-    classifier = model.get_classifier()
-    with torch.no_grad():
-        classifier.weight.copy_(head.weight.to(classifier.weight))
-        classifier.bias.copy_(head.bias.to(classifier.bias))
-    if head.oof_logits is not None:
-        fitted_on = f"out-of-fold logits of the refitted head ({FOLDS}-fold over train + validation)"
-        studio["calibration"] = calibration_section(head.oof_logits, targets.numpy(), fitted_on)
-        draw_reliability(head.oof_logits, targets.numpy(), studio["calibration"]["temperature"],
-                         run.run_dir / "reliability.png")  # fmt: skip
-    studio["probe_refit"] = {
-        "train_images": len(run.train), "val_images": len(run.val), "c": head.c, "cv_top1": head.cv_top1,
-    }  # fmt: skip
-    logger.info(
-        "Few-shot data: the probe's head was refitted on %d training + %d validation images (C = %g, chosen "
-        "by %d-fold cross-validation); the validation scores above are those of the head fitted on training "
-        "images alone.", len(run.train), len(run.val), head.c, FOLDS,
-    )  # fmt: skip
-
-
-def _finish_multilabel(
-    run: _Run, interrupted: bool, studio: dict[str, Any], bad: list[tuple[Path, str]]
-) -> TrainResult:
-    """The kept multi-label model: thresholds fitted on validation (fp32), reports, the run saved again."""
-    assert run.multilabel is not None
-    if run.dist.is_main:
-        model = checkpoint.load_run(run.run_dir, device=run.dist.device).model
-        fp32, alone = Precision(run.dist.device, None), DistContext(device=run.dist.device)
-        result = multilabel_train.evaluate(model, run.val, run.mean, run.std, fp32, alone)
-        finished = run.multilabel.finish(run.run_dir, result)
-        studio["multilabel"] = run.multilabel.studio(finished["thresholds"])
-        studio["metrics"].update(finished["metrics"], interrupted=interrupted)
-        _save_final(run, model, studio, interrupted)
-    run.dist.barrier()
-    run.emit(TrainEvent("done", metrics=studio["metrics"]))
-    metrics = studio["metrics"]
-    return TrainResult(run.run_dir, metrics, run.history, metrics["strategy_used"], interrupted, bad)
-
-
-def _save_final(run: _Run, model: torch.nn.Module, studio: dict[str, Any], interrupted: bool) -> None:
-    """The kept model with its final metrics (`wall_s` is the whole run), history, card, and the state
-    marked finished so a --resume says so instead of training again."""
-    studio["metrics"]["wall_s"] = time.perf_counter() - run.started
-    checkpoint.save_run(run.run_dir, model, run.labels, run.data_config, studio)
-    reports.write_history(run.run_dir, run.history)
-    write_model_card(run.run_dir)
-    if not interrupted:
-        state = checkpoint.load_train_state(run.run_dir)
-        checkpoint.save_train_state(run.run_dir, {**state, "finished": True})
-
-
-def _test_metrics(run: _Run, model: torch.nn.Module, precision: Precision) -> dict[str, Any]:
-    """Scores of the kept model on test/, with its own per-class report (test_classification_report.*)."""
-    assert run.test is not None
-    result = evaluate(model, run.test, run.mean, run.std, precision, DistContext(device=run.dist.device),
-                      keep_predictions=True)  # fmt: skip
-    matrix = reports.confusion_matrix(result.targets.tolist(), result.predictions.tolist(), len(run.labels))
-    report = reports.write_reports(run.run_dir, matrix, run.labels, prefix="test_")
-    missing = reports.classes_without_images(report)
-    if missing:
-        logger.warning("Test macro averages leave out classes without test images: %s", ", ".join(missing))
-    return {
-        "test_top1": result.top1,
-        "test_top5": result.top5,
-        "test_loss": result.loss,
-        "test_macro_f1": report["macro avg"]["f1"],
-        "num_test": result.count,
-    }
-
-
-def _finished_result(config: TrainConfig, state: dict[str, Any]) -> TrainResult:
-    loaded = checkpoint.read_run_config(config.out)
-    metrics = loaded.get("studio", {}).get("metrics", {})
-    return TrainResult(config.out, metrics, state["history"], metrics.get("strategy_used", ""), False)
-
-
-def _describe(run: _Run) -> str:
+def _describe(run: TrainingRun) -> str:
     data, train = run.studio["dataset"], run.train_precision.name
     return (
         f"{len(run.labels)} classes, {data['num_train']} train / {data['num_val']} val"
