@@ -17,18 +17,18 @@ sense, the class the data suggests and the files a user would leave out (`--excl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from finetune.engine import fit_softmax_regression
+from finetune.neighbours import Neighbours, nearest_neighbours
+from finetune.out_of_fold import FOLDS, knn_probabilities, out_of_fold_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ CHECKS = (
 KINDS = ("leakage", "conflict", "within_class")  # what a duplicate pair or group is
 NEAR_DUPLICATE_SIMILARITY = 0.97  # feature cosine similarity that alone makes a near duplicate
 CANDIDATE_SIMILARITY = 0.85  # ...that makes a candidate for the pixel check (JPEG-re-encoded digits: 0.91)
-NEIGHBOURS = 10  # nearest neighbours per image (near-duplicate candidates, k-NN vote)
-KNN_TEMPERATURE = 0.02  # softmax temperature of the neighbours' similarities in the vote
 PIXEL_MATCH = 0.99  # correlation of the 24x24 grey pixels that confirms a candidate
 SIGNATURE_PX = 24
 OUTLIER_Z = 6.0  # robust z-score (median / MAD) of the distance to the nearest class centroid
@@ -53,16 +51,6 @@ TINY_SIDE_PX = 16  # an image whose short side is below this...
 TINY_SHARE_OF_MEDIAN = 0.25  # ...or below this share of the dataset's median short side is "tiny"
 EXTREME_ASPECT = 4.0  # long side / short side
 IMBALANCE_RATIO = 3.0  # largest / smallest class count that deserves a finding (trainer balances from 3x)
-FOLDS = 5  # k of the out-of-fold probe
-OOF_STEPS = 100  # L-BFGS iterations per fold
-OOF_DIMS = 256  # principal components the k-fold probe sees: 5x cheaper than 1,280 features
-ONE_THREAD_UP_TO = 10_000  # images; the k-fold probe of larger sets uses every thread
-OOF_L2 = 1e-2  # L2 penalty on the probe's weights: keeps out-of-fold probabilities from overconfidence
-SIMILARITY_BLOCK = 1024  # rows of the similarity matrix computed at once (memory: block x N floats)
-EXACT_SEARCH_UP_TO = 10_000  # images; above, neighbours are searched on principal components, then re-scored
-SEARCH_DIMS = 128  # principal components of that search (5x cheaper than 1,280 features)
-SEARCH_CANDIDATES = 4  # x NEIGHBOURS candidates a row keeps from the search for the exact re-score
-RESCORE_BLOCK = 128  # rows re-scored at once (memory: rows x candidates x features floats)
 
 
 @dataclass(frozen=True)
@@ -182,61 +170,6 @@ def exact_duplicates(files: list[FileRef], digests: list[str] | None) -> list[Fi
     return findings
 
 
-@dataclass
-class Neighbours:
-    """Each image's `NEIGHBOURS` most similar other images (cosine of pooled features), best first."""
-
-    similarity: torch.Tensor  # (N, k)
-    index: torch.Tensor  # (N, k)
-
-
-def nearest_neighbours(features: torch.Tensor, count: int = NEIGHBOURS) -> Neighbours:
-    """One blocked pass over the similarity matrix (block x N floats at a time, even for 60,000 images);
-    near duplicates and the k-NN half of the label check both read it.
-
-    Above EXACT_SEARCH_UP_TO images the pass runs on the top SEARCH_DIMS principal directions (60,000 x
-    60,000 products of 1,280 features took 84 of the 165 s the checks cost on Fashion-MNIST), keeps
-    SEARCH_CANDIDATES x `count` candidates a row, and re-scores those with the exact cosine: the similarities
-    returned are always exact, and a near duplicate, close in every direction, is close in the top ones.
-    """
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-    count = min(count, len(unit) - 1)
-    approximate = len(unit) > EXACT_SEARCH_UP_TO and unit.shape[1] > SEARCH_DIMS
-    search = _top_directions(unit, SEARCH_DIMS) if approximate else unit
-    keep = min(len(unit) - 1, count * SEARCH_CANDIDATES) if approximate else count
-    similarity, index = [], []
-    for start in range(0, len(unit), SIMILARITY_BLOCK):
-        rows = torch.arange(start, min(start + SIMILARITY_BLOCK, len(unit)))
-        block = search[rows] @ search.T
-        block[torch.arange(len(rows)), rows] = -2.0  # never its own neighbour
-        values, columns = block.topk(keep, dim=1)
-        if approximate:
-            values, columns = _rescore(unit, rows, columns, count)
-        similarity.append(values)
-        index.append(columns)
-    return Neighbours(torch.cat(similarity), torch.cat(index))
-
-
-def _top_directions(unit: torch.Tensor, dims: int) -> torch.Tensor:
-    """`unit` on its top `dims` principal directions, not centred: dot products stay close to the cosines."""
-    _, _, basis = torch.pca_lowrank(unit - unit.mean(dim=0), q=dims, center=False, niter=3)
-    return unit @ basis
-
-
-def _rescore(
-    unit: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact cosines of each row's candidates; the best `count` of them, best first."""
-    values, columns = [], []
-    parts = zip(torch.split(rows, RESCORE_BLOCK), torch.split(candidates, RESCORE_BLOCK), strict=True)
-    for part, chosen in parts:
-        exact = torch.bmm(unit[chosen], unit[part].unsqueeze(2)).squeeze(2)
-        best, order = exact.topk(count, dim=1)
-        values.append(best)
-        columns.append(chosen.gather(1, order))
-    return torch.cat(values), torch.cat(columns)
-
-
 def near_duplicates(
     files: list[FileRef],
     neighbours: Neighbours,
@@ -291,70 +224,6 @@ def pixel_signatures(pixels: torch.Tensor) -> torch.Tensor:
     grey = pixels.float().mean(dim=1, keepdim=True)
     small = torch.nn.functional.adaptive_avg_pool2d(grey, SIGNATURE_PX).flatten(1)
     return torch.nn.functional.normalize(small - small.mean(dim=1, keepdim=True), dim=1)
-
-
-def out_of_fold_probabilities(
-    features: torch.Tensor, targets: np.ndarray, num_classes: int, folds: int = FOLDS, seed: int = 0
-) -> np.ndarray:
-    """(N, C) probabilities of each image from a linear probe that never saw it (stratified k-fold)."""
-    rng = np.random.default_rng(seed)
-    fold_of = np.zeros(len(targets), dtype=np.int64)
-    for target in np.unique(targets):
-        members = np.flatnonzero(targets == target)
-        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
-    # small matrices: a second thread only adds synchronisation (10x slower when busy); large ones split well
-    # (70,000 x 1,280 synthetic features: 22.9 s on one thread, 11.4 s on two)
-    threads = contextlib.nullcontext() if len(targets) > ONE_THREAD_UP_TO else _one_thread()
-    with threads:
-        return _out_of_fold(features, targets, num_classes, fold_of)
-
-
-def _out_of_fold(
-    features: torch.Tensor, targets: np.ndarray, num_classes: int, fold_of: np.ndarray
-) -> np.ndarray:
-    folds = int(fold_of.max()) + 1
-    # unit vectors (the geometry the neighbours see), scaled so a modest weight reaches confident logits;
-    # principal components keep the big directions without amplifying the small, noisy ones
-    standard = _principal_components(torch.nn.functional.normalize(features.float(), dim=1) * 30, OOF_DIMS)
-    probabilities = np.full((len(targets), num_classes), 1.0 / num_classes)
-    labels = torch.as_tensor(targets, dtype=torch.long)
-    for fold in range(folds):
-        held, fit = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
-        if not len(held) or not len(fit):
-            continue
-        weight, bias = fit_softmax_regression(standard[fit], labels[fit], num_classes, OOF_L2, OOF_STEPS)
-        with torch.no_grad():
-            logits = standard[held] @ weight + bias
-            probabilities[held] = torch.softmax(logits, dim=1).double().numpy()
-    return probabilities
-
-
-def knn_probabilities(neighbours: Neighbours, targets: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class probabilities from each image's neighbours (never itself), weighted by softmax(sim / 0.02)."""
-    weights = torch.softmax(neighbours.similarity.double() / KNN_TEMPERATURE, dim=1)
-    labels = torch.as_tensor(targets, dtype=torch.long)[neighbours.index]
-    votes = torch.zeros(len(targets), num_classes, dtype=torch.float64).scatter_add_(1, labels, weights)
-    votes += 1e-3  # no class is impossible
-    return (votes / votes.sum(dim=1, keepdim=True)).numpy()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
-    """The features projected on their top `dims` principal directions (all of them when fewer)."""
-    if features.shape[1] <= dims or len(features) <= dims:
-        return features
-    centered = features - features.mean(dim=0)
-    _, _, basis = torch.pca_lowrank(centered, q=dims, center=False, niter=3)
-    return centered @ basis
 
 
 def label_issues(

@@ -329,16 +329,16 @@ def test_neighbours_of_a_large_set_are_searched_on_principal_directions_and_resc
     import torch
     from sklearn.datasets import load_digits
 
-    from finetune import data_health
+    from finetune import neighbours
 
     digits = torch.tensor(load_digits().data, dtype=torch.float32)
     copies = digits[:20] + 0.05 * torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
     features = torch.cat([digits, copies])  # rows 1797.. are near copies of rows 0..19
-    exact = data_health.nearest_neighbours(features)
-    monkeypatch.setattr(data_health, "EXACT_SEARCH_UP_TO", 500)
-    monkeypatch.setattr(data_health, "SEARCH_DIMS", 16)
+    exact = neighbours.nearest_neighbours(features)
+    monkeypatch.setattr(neighbours, "EXACT_SEARCH_UP_TO", 500)
+    monkeypatch.setattr(neighbours, "SEARCH_DIMS", 16)
     torch.manual_seed(0)  # torch.pca_lowrank starts from random vectors
-    searched = data_health.nearest_neighbours(features)
+    searched = neighbours.nearest_neighbours(features)
 
     unit = torch.nn.functional.normalize(features, dim=1)
     true = (unit[:, None, :] * unit[searched.index]).sum(dim=2)
