@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data_health import CHECKS
-from finetune.data_report import TITLES, read_report, thumbnail_data_url
+from finetune.data_report import read_report
+from finetune.data_report_html import TITLES, thumbnail_data_url
 from finetune.safe_text import escape_html, plain_line
 
 GALLERY_SIZE = 12  # thumbnails per gallery
