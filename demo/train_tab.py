@@ -246,9 +246,9 @@ def finish(
         try:
             status = manager.status(run_id)
         except StudioError:  # a run from before a restart: its folder is all there is
-            zipped = _zip_for_download(manager, run_id)
+            zipped = zip_for_download(manager, run_id)
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), zipped, menu, gr.skip()
-    download = _zip_for_download(manager, run_id) if status.has_model else None
+    download = zip_for_download(manager, run_id) if status.has_model else None
     return (
         render_progress(status),
         epoch_table(status.history),
@@ -464,7 +464,7 @@ def _start_polling(run_id: str) -> tuple[Any, None]:
     return gr.Timer(active=bool(run_id)), None
 
 
-def _zip_for_download(manager: TrainingManager, run_id: str) -> str:
+def zip_for_download(manager: TrainingManager, run_id: str) -> str:
     """The run's one zip, where Gradio may serve it from (the temp folder, one subfolder per data folder),
     reused by every later download; other zips untouched for an hour are deleted."""
     data_key = hashlib.sha256(str(manager.runs_dir.resolve()).encode()).hexdigest()[:16]

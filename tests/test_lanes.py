@@ -174,9 +174,9 @@ def test_a_visitor_cannot_see_select_cancel_or_download_another_visitors_run(
         assert ".zip" not in json.dumps(theirs)
         mine = call_private(url, fn_index, ["gamma-run", None, None], owner.session_hash)
         assert mine[-1]["success"] is True and "gamma-run.zip" in json.dumps(mine[-1])
-        zip_path = Path(train_tab._zip_for_download(manager, "gamma-run"))
+        zip_path = Path(train_tab.zip_for_download(manager, "gamma-run"))
         written = zip_path.stat().st_mtime_ns
-        assert train_tab._zip_for_download(manager, "gamma-run") == str(zip_path)  # one zip per run, reused
+        assert train_tab.zip_for_download(manager, "gamma-run") == str(zip_path)  # one zip per run, reused
         assert zip_path.stat().st_mtime_ns == written
         # Cancelling: only the owner's session stops its training.
         data = write_digits_folder(tmp_path / "digits", per_class=8)
