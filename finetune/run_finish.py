@@ -30,11 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def finish(run: TrainingRun, interrupted: bool) -> TrainResult:
-    """Evaluate the kept checkpoint once more for reports, and once on test/ when there is one.
-
-    The validation scores chose the kept weights, so they flatter it a little; test/ took no part in training
-    or in that choice, so its scores are the unbiased estimate.
-    """
+    """Evaluate the kept checkpoint once more for the reports, and once on test/ when there is one."""
     bad = [file for cache in (run.train, run.val, run.test) if cache is not None for file in cache.bad_files]
     return_freed_memory()  # the heap training fragmented goes back to the OS before the closing passes
     if not run.best:
