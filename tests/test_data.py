@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -255,6 +256,7 @@ def test_training_on_a_cache_larger_than_the_memory_limit(tmp_path: Path) -> Non
         [sys.executable, "-c", LIMITED_TRAINING, str(small), str(big), str(tmp_path / "run"), str(headroom),
          str(size)],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},  # a thread's new malloc arena must not pass the limit
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     on_disk = sum(p.stat().st_size for p in (tmp_path / "run" / ".cache").glob("*.npy"))
