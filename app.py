@@ -32,7 +32,8 @@ from demo.admission import install_admission
 from demo.disk_limits import start_sweeper
 from demo.model_picker import ModelView
 from demo.service import InferenceService
-from demo.training_jobs import PUBLIC_MAX_QUEUED, TrainingManager, TrainLimits
+from demo.training_jobs import TrainingManager
+from demo.training_status import PUBLIC_MAX_QUEUED, TrainLimits
 from demo.vision_tasks import VisionService
 from demo.vision_weights import VisionConfig
 from finetune.errors import StudioError

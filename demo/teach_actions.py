@@ -17,7 +17,8 @@ from demo.run_serving import export_in_child
 from demo.service import InferenceService
 from demo.teach import CAPTURE_FPS, FRAME_SIDE, MAX_CAPTURE_S, MAX_IMAGES_PER_CLASS, TeachSession
 from demo.train_tab import final_metrics, render_progress, zip_for_download
-from demo.training_jobs import FAILED, TrainingManager, TrainOptions
+from demo.training_jobs import TrainingManager
+from demo.training_status import FAILED, TrainOptions
 from demo.ui import check_number, check_text, image_source, public_message, uploaded_paths, user_errors
 from demo.uploads import import_class_files
 from finetune.class_names import MAX_CLASS_NAME

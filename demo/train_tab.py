@@ -26,7 +26,8 @@ from demo.lanes import NOBODY
 from demo.model_picker import menu_update, owner_of
 from demo.run_serving import serve_new_run
 from demo.service import InferenceService
-from demo.training_jobs import FAILED, QUEUED, JobStatus, TrainingManager, TrainOptions
+from demo.training_jobs import TrainingManager
+from demo.training_status import FAILED, QUEUED, JobStatus, TrainOptions
 from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
 from demo.uploads import ImportedDataset, import_class_files, import_zip, parse_class_names
 from finetune.checkpoint import load_run

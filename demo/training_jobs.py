@@ -14,7 +14,6 @@ public server uses `TrainLimits.public()`. No Gradio here: tests drive it direct
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import threading
@@ -29,6 +28,18 @@ import torch
 
 from demo.lanes import not_yours
 from demo.run_store import RunStore, has_model
+from demo.training_status import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    MAX_TIME_BUDGET_S,
+    QUEUED,
+    RUNNING,
+    JobStatus,
+    TrainLimits,
+    TrainOptions,
+    progress_share,
+)
 from finetune.config import TrainConfig
 from finetune.distributed import DistContext, resolve_device
 from finetune.engine import TrainEvent
@@ -39,79 +50,11 @@ from finetune.trainer import fine_tune
 
 logger = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED_STATES = (DONE, FAILED, CANCELLED)
 TEST_MODELS = ("test_efficientnet", "test_vit")  # timm's tiny random-init models, for tests and demos only
-MAX_TIME_BUDGET_S = 6 * 3600  # one visitor cannot hold the only training slot for longer
 KEEP_FINISHED_JOBS = 100  # status records of ended jobs kept in memory (their folders follow the run limits)
-
-PUBLIC_BUDGET_S = 15 * 60  # the time-budget cap of a public server
-PUBLIC_MAX_QUEUED = 4  # trainings waiting behind the running one on a public server
 
 ModelReadyHook = Callable[[str, Path], None]
 RunRemovedHook = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class TrainLimits:
-    """What one visitor may ask of the shared trainer. The defaults are a personal studio's (any timm
-    model, any number of jobs); `public()` is what a server open to strangers applies."""
-
-    models: tuple[str, ...] | None = None  # timm names offered; None: the default and any other timm name
-    jobs_per_owner: int | None = None  # queued or running jobs one visitor may have; None: no limit
-    max_budget_s: float = MAX_TIME_BUDGET_S  # the longest time budget a job may ask for
-    threads: int = 0  # torch threads and decoding workers while training; 0: every core
-
-    @classmethod
-    def public(
-        cls, models: tuple[str, ...] = (), max_budget_s: float = PUBLIC_BUDGET_S, threads: int = 0
-    ) -> TrainLimits:
-        """The embedded model plus `models`, one job per visitor, the budget cap, all cores but one."""
-        allowed = tuple(dict.fromkeys((DEFAULT_MODEL, *models)))
-        return cls(allowed, 1, max_budget_s, threads or max(1, (os.cpu_count() or 1) - 1))
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """The few options the Train tab offers; everything else keeps `TrainConfig`'s defaults."""
-
-    model: str = DEFAULT_MODEL  # timm name; the default ships its ImageNet weights and works offline
-    strategy: str = "auto"  # auto | linear | finetune | lp-ft
-    epochs: int = 0  # fine-tuning epochs; 0 lets the engine choose from the data and the time budget
-    time_budget_s: float = 300.0  # the engine plans within it, and the job stops when it is spent
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """A snapshot of one job: what the progress bar, the epoch table and the API's answer are made of."""
-
-    run_id: str
-    state: str  # queued | running | done | failed | cancelled
-    version: int  # grows with every change; `wait()` returns when it passes the caller's
-    queue_position: int  # trainings ahead of this one, the running one included; 0 when next or running
-    classes: list[str]
-    phase: str = ""  # "", decode, probe, finetune
-    epoch: int = 0
-    epochs: int = 0
-    step: int = 0
-    steps: int = 0
-    progress: float = 0.0  # 0..1 over the whole job (decoding, probe, fine-tuning epochs)
-    message: str = ""
-    step_metrics: dict[str, float] = field(default_factory=dict)  # running train loss / acc of this epoch
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch (0 = probe)
-    metrics: dict[str, Any] = field(default_factory=dict)  # final metrics of the best checkpoint
-    error: str = ""
-    run_dir: Path | None = None
-    elapsed_s: float = 0.0
-
-    @property
-    def is_finished(self) -> bool:
-        return self.state in FINISHED_STATES
-
-    @property
-    def has_model(self) -> bool:
-        """True when the job ended with a servable checkpoint (done, or cancelled after one was saved)."""
-        return self.state in (DONE, CANCELLED) and bool(self.metrics)
 
 
 @dataclass
@@ -402,7 +345,7 @@ class TrainingManager:
             elif event.kind == "done":
                 changes["metrics"] = dict(event.metrics)
             job.update(**changes)
-            job.update(progress=max(status.progress, _progress(job.status, job.config.strategy)))
+            job.update(progress=max(status.progress, progress_share(job.status, job.config.strategy)))
             self._condition.notify_all()
 
     # Housekeeping.
@@ -489,21 +432,6 @@ class TrainingManager:
             ended = [rid for rid, job in self._jobs.items() if job.status.is_finished]
             for run_id in ended[: max(0, len(ended) - KEEP_FINISHED_JOBS)]:
                 del self._jobs[run_id]
-
-
-def _progress(status: JobStatus, strategy: str) -> float:
-    """A rough share of the job done: decoding 10%, probe 15% (all the rest for `linear`), then epochs."""
-    fraction = status.step / status.steps if status.steps else 0.0
-    probe_share = 0.9 if strategy == "linear" else 0.15
-    if status.phase == "decode":
-        return 0.1 * fraction
-    if status.phase == "probe":
-        done = any(row.get("phase") == "probe" for row in status.history)
-        return 0.1 + probe_share * (1.0 if done else fraction)
-    if status.phase == "finetune" and status.epochs:
-        epochs_done = max(0, status.epoch - 1) + fraction
-        return 0.25 + 0.75 * min(1.0, epochs_done / status.epochs)
-    return 0.0
 
 
 def _nothing_saved(job: _Job) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """The training loops: linear probe on cached features, one fine-tuning epoch, and evaluation.
 
-Everything here works on the decoded uint8 cache (`finetune.data.CachedImages`) and is written once for one
-process and for many (`DistContext`): batches are sharded by rank and metrics summed across ranks, so the
-validation accuracy of a distributed run is that of the whole validation set.
+Everything here works on the decoded uint8 cache (`finetune.pixel_cache.CachedImages`) and is written once
+for one process and for many (`DistContext`): batches are sharded by rank and metrics summed across ranks,
+so the validation accuracy of a distributed run is that of the whole validation set.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
 
 from finetune.augment import augment, normalize
-from finetune.data import CachedImages, batches
+from finetune.data import batches
 from finetune.distributed import DistContext
+from finetune.pixel_cache import CachedImages
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from finetune.data import CachedImages, DatasetSplit, build_cache, scan_dataset
+from finetune.data import DatasetSplit, scan_dataset
 from finetune.data_health import FileRef, HealthInput, check_data, pixel_signatures
 from finetune.data_report import (
     add_training_results,
@@ -33,6 +33,7 @@ from finetune.data_report import (
     write_top_losses_png,
 )
 from finetune.errors import ImageError
+from finetune.pixel_cache import CachedImages, build_cache
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
 
-from finetune.data import CachedImages
 from finetune.distributed import DistContext
 from finetune.errors import DatasetError
 from finetune.multilabel import (
@@ -43,6 +42,7 @@ from finetune.multilabel import (
     summary,
     write_reports,
 )
+from finetune.pixel_cache import CachedImages
 from finetune.recipe import RecipePlan
 
 logger = logging.getLogger(__name__)

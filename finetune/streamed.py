@@ -1,11 +1,11 @@
 """Images decoded batch by batch by worker processes, for datasets whose decoded cache does not fit on disk.
 
-The decoded-image cache (`finetune.data.build_cache`) costs N x 3 x S x S bytes of disk: 10 GB for 70,000
-images at 224 px. When that is more than the disk has free (or more than `--cache-max-gb`), training reads
-`StreamedPixels` instead: the same interface as the memory-mapped `CachedPixels`, but each batch is decoded
-from the image files when it is asked for, on a pool of worker processes (Pillow's decoders and resizes
-run in parallel there, whatever the GIL does in the training process). Memory stays one batch of pixels;
-the price is decoding every image again each epoch.
+The decoded-image cache (`finetune.pixel_cache.build_cache`) costs N x 3 x S x S bytes of disk: 10 GB for
+70,000 images at 224 px. When that is more than the disk has free (or more than `--cache-max-gb`), training
+reads `StreamedPixels` instead: the same interface as the memory-mapped `CachedPixels`, but each batch is
+decoded from the image files when it is asked for, on a pool of worker processes (Pillow's decoders and
+resizes run in parallel there, whatever the GIL does in the training process). Memory stays one batch of
+pixels; the price is decoding every image again each epoch.
 
 Unreadable files are found once, by a checking pass that decodes every image (as the cache would) and keeps
 nothing but the verdicts, so training never meets a bad file mid-epoch.

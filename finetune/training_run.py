@@ -1,7 +1,8 @@
 """One training run's state, passed between `fine_tune`'s phases, and the bookkeeping every phase shares.
 
-`finetune/trainer.py` runs the phases (prepare, probe, fine-tune) and `finetune/run_finish.py` closes the
-run; both record epochs, keep the best weights and save resumable states the same way, through this module.
+`finetune/run_prepare.py` builds it, `finetune/trainer.py` runs the phases (probe, fine-tune) and
+`finetune/run_finish.py` closes the run; they record epochs, keep the best weights and save resumable states
+the same way, through this module.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 
 from finetune import checkpoint, multilabel_train, reports
 from finetune.config import TrainConfig
-from finetune.data import CachedImages
 from finetune.distributed import DistContext
 from finetune.engine import EvalResult, EventCallback, Precision, StopCheck, TrainEvent
 from finetune.errors import ConfigError
+from finetune.pixel_cache import CachedImages
 from finetune.recipe import RecipePlan
 
 

@@ -19,8 +19,8 @@ import torch
 from finetune import ood
 from finetune.augment import normalize
 from finetune.calibration import calibration_figures, fit_temperature, plot_reliability, softmax_t
-from finetune.data import CachedImages
 from finetune.engine import to_device
+from finetune.pixel_cache import CachedImages
 from finetune.trust import LogitsAndFeatures
 
 logger = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from finetune.budget import (
     warmup_steps,
 )
 from finetune.config import TrainConfig
-from finetune.data import CachedImages, CachedPixels
 from finetune.distributed import DistContext
 from finetune.engine import EpochSettings, Optimization, Precision, train_one_epoch
+from finetune.pixel_cache import CachedImages, CachedPixels
 from finetune.trainer import fine_tune
 
 

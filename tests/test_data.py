@@ -11,9 +11,10 @@ import torch
 from conftest import write_digits_folder
 from PIL import Image
 
-from finetune.data import build_cache, find_layout, scan_dataset, stratified_split, suggest_image_size
+from finetune.data import find_layout, scan_dataset, stratified_split, suggest_image_size
 from finetune.errors import DatasetError
 from finetune.modeling import create_model_and_transforms, split_eval_transform
+from finetune.pixel_cache import build_cache
 
 
 def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
@@ -171,10 +172,10 @@ def test_interrupted_cache_build_resumes_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stopped decode keeps its images on disk; the next build decodes only the rest, a changed list all."""
-    import finetune.data
+    import finetune.pixel_cache
     from finetune.errors import StoppedError
 
-    monkeypatch.setattr(finetune.data, "PROGRESS_EVERY", 4)
+    monkeypatch.setattr(finetune.pixel_cache, "PROGRESS_EVERY", 4)
     root = write_digits_folder(tmp_path / "d", classes=(0, 1), per_class=12)
     samples = scan_dataset(root, val_fraction=0.25).train
     created = create_model_and_transforms("test_efficientnet", 2, weights="none", img_size=48)
@@ -274,7 +275,7 @@ def test_reading_the_cache_does_not_grow_resident_memory(tmp_path: Path, monkeyp
     """An epoch over a memory-mapped cache touches every page; released every few MB, RSS stays flat."""
     import numpy as np
 
-    from finetune import data
+    from finetune import pixel_cache
 
     path = tmp_path / "cache.npy"
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(256, 3, 128, 128))  # 12 MB
@@ -283,8 +284,8 @@ def test_reading_the_cache_does_not_grow_resident_memory(tmp_path: Path, monkeyp
     del pixels
 
     def epoch_growth(release_every: int) -> float:
-        monkeypatch.setattr(data, "RELEASE_EVERY_BYTES", release_every)
-        cached = data.CachedPixels(np.load(path, mmap_mode="r"), np.arange(256))
+        monkeypatch.setattr(pixel_cache, "RELEASE_EVERY_BYTES", release_every)
+        cached = pixel_cache.CachedPixels(np.load(path, mmap_mode="r"), np.arange(256))
         before = _rss_file_mb()
         for index in torch.split(torch.randperm(256), 16):
             assert int(cached[index][0, 0, 0, 0]) == 7
@@ -299,17 +300,18 @@ def test_views_of_one_cache_share_the_page_release(tmp_path: Path, monkeypatch) 
     one release, so many views cannot each keep their own share of mapped pages."""
     import numpy as np
 
-    from finetune import data
+    from finetune import pixel_cache
 
     path = tmp_path / "cache.npy"
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(64, 3, 64, 64))  # 768 KB
     pixels[:] = 3
     pixels.flush()
     del pixels
-    monkeypatch.setattr(data, "RELEASE_EVERY_BYTES", 3 * 64 * 64 * 40)  # 40 rows: more than one view holds
+    rows_40 = 3 * 64 * 64 * 40  # more than one view holds
+    monkeypatch.setattr(pixel_cache, "RELEASE_EVERY_BYTES", rows_40)
     released = []
-    monkeypatch.setattr(data, "release_pages", lambda array: released.append(len(array)))
-    whole = data.CachedPixels(np.load(path, mmap_mode="r"), np.arange(64))
+    monkeypatch.setattr(pixel_cache, "release_pages", lambda array: released.append(len(array)))
+    whole = pixel_cache.CachedPixels(np.load(path, mmap_mode="r"), np.arange(64))
     views = [whole.subset(np.arange(0, 32)), whole.subset(np.arange(32, 64))]
     for start in range(0, 32, 4):  # four rows through each view in turn: 64 rows read in all
         for view in views:

@@ -28,13 +28,15 @@ from demo import train_tab
 from demo.lanes import Lanes
 from demo.service import InferenceService
 from demo.train_tab import serve_trained_runs
-from demo.training_jobs import CANCELLED, RUNNING, TrainingManager, TrainLimits, TrainOptions
+from demo.training_jobs import TrainingManager
+from demo.training_status import CANCELLED, RUNNING, TrainLimits, TrainOptions
 from finetune.checkpoint import load_run, save_run
 from finetune.config import TrainConfig
-from finetune.data import build_cache, scan_dataset
+from finetune.data import scan_dataset
 from finetune.engine import TrainEvent
 from finetune.errors import ConfigError, StoppedError
 from finetune.modeling import create_model_and_transforms
+from finetune.pixel_cache import build_cache
 from finetune.trainer import fine_tune
 
 pytestmark = pytest.mark.app

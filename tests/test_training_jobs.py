@@ -13,7 +13,8 @@ import pytest
 from conftest import TINY_MODEL
 from train_data import write_photo_classes
 
-from demo.training_jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TrainingManager, TrainOptions
+from demo.training_jobs import TrainingManager
+from demo.training_status import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TrainOptions
 from finetune.checkpoint import load_run
 from finetune.errors import ConfigError, StudioError
 
