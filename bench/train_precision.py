@@ -1,6 +1,6 @@
 """Benchmark: training and inference speed of the default backbone in fp32 and in bf16 autocast on this CPU.
 
-Why `training_precision()` (finetune/engine.py) trains small images in fp32 on CPUs without AMX while
+Why `training_precision()` (finetune/precision.py) trains small images in fp32 on CPUs without AMX while
 evaluation stays in bf16: one update (forward + backward + AdamW, the trainer's frozen BatchNorm
 statistics, channels_last) and one inference forward are timed in each precision, at several sizes, with
 the whole backbone trained or its first half frozen. Random pixels and labels: only the speed is measured.

@@ -1,4 +1,4 @@
-"""The training loops: linear probe on cached features, one fine-tuning epoch, and evaluation.
+"""The training loops: features for the linear probe, one fine-tuning epoch, and evaluation.
 
 Everything here works on the decoded uint8 cache (`finetune.pixel_cache.CachedImages`) and is written once
 for one process and for many (`DistContext`): batches are sharded by rank and metrics summed across ranks,
@@ -7,7 +7,6 @@ so the validation accuracy of a distributed run is that of the whole validation 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,10 +20,9 @@ from finetune.augment import augment, normalize
 from finetune.data import batches
 from finetune.distributed import DistContext
 from finetune.pixel_cache import CachedImages
+from finetune.precision import Precision
 
 logger = logging.getLogger(__name__)
-
-FP32_TRAINING_MAX_PX = 96  # CPUs without AMX train at or below this size in fp32 (`training_precision`)
 
 
 @dataclass
@@ -56,76 +54,6 @@ class EvalResult:
     predictions: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # this process's rows, with `predictions` (top losses need them)
-
-
-@dataclass
-class Precision:
-    """Autocast settings for the device: bf16 on CPUs with AVX-512 BF16 and recent GPUs, else fp16/fp32."""
-
-    device: torch.device
-    dtype: torch.dtype | None  # None means fp32 (no autocast)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
-
-    @property
-    def needs_grad_scaler(self) -> bool:
-        return self.dtype == torch.float16
-
-
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """Map --precision to an autocast dtype that this device really supports."""
-    if requested == "fp32":
-        return Precision(device, None)
-    if device.type == "cuda":
-        return Precision(device, cuda_autocast_dtype(requested, torch.cuda.get_device_capability(device)))
-    if requested == "fp16":
-        return Precision(device, None)  # CPU fp16 autocast is slower than fp32; treat as fp32
-    bf16_ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    return Precision(device, torch.bfloat16 if bf16_ok else None)
-
-
-def training_precision(precision: Precision, requested: str, image_size: int) -> Precision:
-    """The precision of training steps: `precision`, except fp32 for small images on a CPU without AMX.
-
-    bf16 autocast halves a CPU's forward pass, but not its backward pass. On the 2-core AMD EPYC (AVX-512
-    BF16, no AMX) of our CI, tf_efficientnet_lite0 trained (forward + backward + AdamW, batch 32) faster in
-    fp32 on small images and no faster on large ones (`python bench/train_precision.py`, fp32 vs bf16 img/s):
-    whole backbone 32 px 419 vs 217, 64 px 221 vs 144, 96 px 120 vs 99, 128 px 65 vs 67, 224 px 18 vs 23;
-    first half frozen 64 px 296 vs 191, 128 px 128 vs 108, 224 px 36 vs 37. Large fp32 activations also cost
-    memory (a 224 px run: 3.85 against 2.53 GB peak RSS), so fp32 is kept to FP32_TRAINING_MAX_PX. Inference
-    is faster in bf16 (64 px: 0.54 against 0.83 ms an image; 224 px: 8.5 against 19.5), so evaluation keeps
-    `precision`. CPUs with AMX tiles (Intel Sapphire Rapids and later) run bf16 on them and keep it. A rule,
-    not a timing race, so that a run and its resume (and two runs of one command) train in the same precision.
-    """
-    if requested != "auto" or precision.device.type != "cpu" or precision.dtype is None:
-        return precision
-    if image_size > FP32_TRAINING_MAX_PX or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        return precision
-    return Precision(precision.device, None)
-
-
-def cuda_autocast_dtype(requested: str, capability: tuple[int, int]) -> torch.dtype:
-    """bf16 only on GPUs that have it natively (compute capability 8.0+: A100, RTX 30xx, H100), else fp16.
-
-    `torch.cuda.is_bf16_supported()` also says yes on T4 and V100 (7.x), which only emulate bf16, slowly;
-    fp16 runs on their tensor cores and, with a GradScaler, trains as well. An explicit `bf16` is obeyed.
-    """
-    if requested == "fp16":
-        return torch.float16
-    if requested == "bf16":
-        if capability < (8, 0):
-            logger.warning(
-                "This GPU (compute capability %d.%d) only emulates bf16; fp16 is faster.", *capability
-            )
-        return torch.bfloat16
-    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
 def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -167,81 +95,6 @@ def extract_features(
         if on_step is not None:
             on_step(step, steps)
     return dist.all_gather_rows(torch.cat(features), len(data))
-
-
-def fit_softmax_regression(
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int,
-    l2: float,
-    steps: int,
-    sample_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS: (weight (D, C), bias (C,)); the bias is not
-    penalised. The loss is the (sample-weighted) mean cross-entropy + `l2` x the squared weights.
-
-    The probe's minibatch AdamW (fit_linear_probe) needs ~1,500 small steps per fit; k-fold fits (the data
-    checks, the few-shot refit) would multiply that, while L-BFGS on the whole set converges in a few dozen
-    to a few hundred full-batch steps.
-    """
-    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=10,
-                                  line_search_fn="strong_wolfe")  # fmt: skip
-    share = None if sample_weights is None else sample_weights / sample_weights.sum()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        losses = F.cross_entropy(features @ weight + bias, targets, reduction="none")
-        loss = losses.mean() if share is None else (losses * share).sum()
-        loss = loss + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def fit_linear_probe(
-    train_features: torch.Tensor,
-    train_targets: torch.Tensor,
-    num_classes: int,
-    epochs: int,
-    class_weights: torch.Tensor | None = None,
-    seed: int = 0,
-    label_smoothing: float = 0.0,
-    sample_weights: torch.Tensor | None = None,
-) -> torch.nn.Linear:
-    """A linear classifier on frozen features: AdamW + cosine decay, seconds even for thousands of images.
-
-    It takes the fine-tuning loss (same class weights, same label smoothing) and, with `sample_weights`, draws
-    each epoch's images in proportion to them as the fine-tuning sampler does, so the probe and the
-    fine-tuned model are trained for, and compared on, the same thing.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(train_features.shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch_size = 256
-    count = len(train_targets)
-    steps = epochs * -(-count // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    for _ in range(epochs):
-        if sample_weights is not None:
-            order = torch.multinomial(sample_weights, count, replacement=True, generator=generator)
-        else:
-            order = torch.randperm(count, generator=generator)
-        for index in torch.split(order, batch_size):
-            loss = F.cross_entropy(
-                head(train_features[index]), train_targets[index], weight=class_weights,
-                label_smoothing=label_smoothing,
-            )  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return head
 
 
 def probe_metrics(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> EvalResult:

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from finetune import checkpoint, modeling
     from finetune.distributed import init_distributed
-    from finetune.engine import extract_features, resolve_precision
+    from finetune.engine import extract_features
+    from finetune.precision import resolve_precision
     from finetune.recipe import plan_recipe
     from finetune.split import read_split
 

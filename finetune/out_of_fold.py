@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from finetune.engine import fit_softmax_regression
 from finetune.neighbours import Neighbours
+from finetune.probe import fit_softmax_regression
 
 FOLDS = 5  # k of the out-of-fold probe
 OOF_STEPS = 100  # L-BFGS iterations per fold

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finetune.engine import fit_softmax_regression
+from finetune.probe import fit_softmax_regression
 
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)  # inverse L2 strengths tried, strongest first (ties keep the stronger)
 DEFAULT_C = 1.0  # when a class has a single image and no fold can hold one out

@@ -15,7 +15,7 @@ a plain full fine-tune at 128 px and to a 224 px linear probe on data unlike dig
 - Many tiny images (Fashion-MNIST, 48,000 training images of 28 px at 64 px, a 20-minute budget, official
   test; bench/fashion_mnist.py, idle machine): first half frozen 91.70% (3.3 epochs, validation levelled
   off at 92.1%); nothing frozen 92.23% in 2.2 epochs (bf16 steps), 92.41% in 3.3 (fp32 steps, 190 img/s:
-  finetune/engine.py `training_precision`). At WHOLE_BACKBONE_MAX_PX and below a whole-backbone step is
+  finetune/precision.py `training_precision`). At WHOLE_BACKBONE_MAX_PX and below a whole-backbone step is
   cheap, and images this far from ImageNet need their early layers adapted, so nothing is frozen there.
 
 Few-shot data (a handful of images per class) keeps the probe. With 10 or 20 images per class, 2 or 4 per

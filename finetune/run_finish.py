@@ -19,9 +19,10 @@ from finetune import checkpoint, multilabel_train, reports
 from finetune.config import TrainConfig
 from finetune.decode_budget import return_freed_memory
 from finetune.distributed import DistContext
-from finetune.engine import Precision, TrainEvent, evaluate, logits_metrics
+from finetune.engine import TrainEvent, evaluate, logits_metrics
 from finetune.inspect import add_top_losses
 from finetune.model_card import write_model_card
+from finetune.precision import Precision
 from finetune.probe_refit import FOLDS, fit_few_shot_head
 from finetune.training_run import TrainingRun, TrainResult, keeps_probe, studio_of
 from finetune.trust_fit import calibration_section, collect_outputs, draw_reliability, trust_sections

@@ -18,7 +18,7 @@ from finetune import labels_csv, multilabel_train
 from finetune.config import TrainConfig
 from finetune.data import DatasetSplit, scan_dataset, write_bad_files
 from finetune.distributed import DistContext
-from finetune.engine import EventCallback, StopCheck, TrainEvent, resolve_precision, training_precision
+from finetune.engine import EventCallback, StopCheck, TrainEvent
 from finetune.errors import DatasetError
 from finetune.inspect import apply_exclusions
 from finetune.modeling import (
@@ -28,6 +28,7 @@ from finetune.modeling import (
     split_eval_transform,
 )
 from finetune.pixel_cache import CachedImages, build_cache
+from finetune.precision import resolve_precision, training_precision
 from finetune.recipe import plan_recipe
 from finetune.split import (
     SPLIT_FILE,

@@ -34,12 +34,12 @@ from finetune.engine import (
     TrainEvent,
     evaluate,
     extract_features,
-    fit_linear_probe,
     probe_metrics,
     train_one_epoch,
 )
 from finetune.errors import ConfigError, StoppedError
 from finetune.inspect import check_run_data
+from finetune.probe import fit_linear_probe
 from finetune.run_finish import finish, finished_result
 from finetune.run_prepare import prepare_run
 from finetune.training_run import (

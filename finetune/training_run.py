@@ -17,9 +17,10 @@ import torch
 from finetune import checkpoint, multilabel_train, reports
 from finetune.config import TrainConfig
 from finetune.distributed import DistContext
-from finetune.engine import EvalResult, EventCallback, Precision, StopCheck, TrainEvent
+from finetune.engine import EvalResult, EventCallback, StopCheck, TrainEvent
 from finetune.errors import ConfigError
 from finetune.pixel_cache import CachedImages
+from finetune.precision import Precision
 from finetune.recipe import RecipePlan
 
 
@@ -44,7 +45,7 @@ class TrainingRun:
     emit: EventCallback
     should_stop: StopCheck
     precision: Precision  # the probe's features and every evaluation
-    train_precision: Precision  # the fine-tuning updates (engine.training_precision)
+    train_precision: Precision  # the fine-tuning updates (precision.training_precision)
     model: torch.nn.Module
     labels: list[str]
     data_config: dict[str, Any]

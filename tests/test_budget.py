@@ -26,8 +26,9 @@ from finetune.budget import (
 )
 from finetune.config import TrainConfig
 from finetune.distributed import DistContext
-from finetune.engine import EpochSettings, Optimization, Precision, train_one_epoch
+from finetune.engine import EpochSettings, Optimization, train_one_epoch
 from finetune.pixel_cache import CachedImages, CachedPixels
+from finetune.precision import Precision
 from finetune.trainer import fine_tune
 
 

@@ -7,15 +7,14 @@ import logging
 import pytest
 import torch
 
-from finetune import engine
-from finetune.engine import (
+from finetune.precision import (
     FP32_TRAINING_MAX_PX,
     Precision,
     cuda_autocast_dtype,
-    fit_linear_probe,
     resolve_precision,
     training_precision,
 )
+from finetune.probe import fit_linear_probe
 
 
 @pytest.mark.parametrize(
@@ -35,7 +34,7 @@ def test_cuda_autocast_uses_bf16_only_where_the_gpu_has_it(requested, capability
 
 
 def test_an_explicit_bf16_on_an_older_gpu_is_obeyed_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="finetune.engine"):
+    with caplog.at_level(logging.WARNING, logger="finetune.precision"):
         assert cuda_autocast_dtype("bf16", (7, 5)) == torch.bfloat16
     assert "only emulates bf16" in caplog.text
 
@@ -46,9 +45,7 @@ def test_resolve_precision_on_cuda_reads_the_devices_capability(
 ) -> None:
     """No GPU here: the capability query is the one thing faked; fp16 comes with a grad scaler."""
     asked = []
-    monkeypatch.setattr(
-        engine.torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability
-    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: asked.append(dev) or capability)
     precision = resolve_precision("auto", torch.device("cuda", 0))
     assert asked == [torch.device("cuda", 0)]
     assert precision.name == name and precision.needs_grad_scaler is scaled

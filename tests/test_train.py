@@ -14,9 +14,9 @@ from conftest import TINY_MODEL, write_digits_folder
 
 from finetune.checkpoint import load_run, load_train_state
 from finetune.config import TrainConfig
-from finetune.engine import resolve_precision, training_precision
 from finetune.errors import ConfigError, DatasetError
 from finetune.evaluate import evaluate_folder
+from finetune.precision import resolve_precision, training_precision
 from finetune.split import SPLIT_FILE, read_split
 from finetune.trainer import fine_tune
 
