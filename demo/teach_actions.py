@@ -16,7 +16,8 @@ import gradio as gr
 from demo.run_serving import export_in_child
 from demo.service import InferenceService
 from demo.teach import CAPTURE_FPS, FRAME_SIDE, MAX_CAPTURE_S, MAX_IMAGES_PER_CLASS, TeachSession
-from demo.train_tab import final_metrics, render_progress, zip_for_download
+from demo.train_progress import render_progress
+from demo.train_tab import final_metrics, zip_for_download
 from demo.training_jobs import TrainingManager
 from demo.training_status import FAILED, TrainOptions
 from demo.ui import check_number, check_text, image_source, public_message, uploaded_paths, user_errors

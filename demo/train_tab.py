@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
-from PIL import Image
 
 from demo.data_check_view import render_data_check
 from demo.lanes import NOBODY
 from demo.model_picker import menu_update, owner_of
 from demo.run_serving import serve_new_run
 from demo.service import InferenceService
+from demo.train_progress import EPOCH_COLUMNS, curves_image, epoch_table, render_progress, result_note
 from demo.training_jobs import TrainingManager
 from demo.training_status import FAILED, QUEUED, JobStatus, TrainOptions
 from demo.ui import check_number, public_message, uploaded_path, uploaded_paths, user_errors
@@ -35,8 +34,7 @@ from finetune.config import STRATEGIES
 from finetune.disk import prune_folder
 from finetune.errors import DatasetError, StudioError
 from finetune.modeling import DEFAULT_MODEL
-from finetune.reports import CURVES_PNG
-from finetune.safe_text import escape_html, escape_markdown
+from finetune.safe_text import escape_html
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +44,6 @@ MAX_EPOCHS = 200  # the epochs box's range (0 = automatic), which API callers mu
 MIN_BUDGET_MIN, MAX_BUDGET_MIN = 1, 120  # the time-budget slider's range, in minutes
 POLL_S = 1.0  # progress refresh period in the browser
 ZIP_SOURCE, CLASSES_SOURCE = "Zip of class folders", "Class names + images"
-EPOCH_COLUMNS = ["epoch", "phase", "train loss", "train acc", "val loss", "val top-1", "seconds"]
 DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "image-recognition-studio-runs"
 KEEP_DOWNLOADS_S = 3600  # run zips older than this are deleted (Gradio has copied them into its cache)
 MAX_LISTED_SKIPS = 100  # skipped files returned through the API; the summary line names the first few
@@ -179,56 +176,6 @@ def poll(
     )
 
 
-def render_progress(status: JobStatus) -> str:
-    """The progress bar and one line saying where the run is (queue position, phase, epoch, loss)."""
-    percent = round(100 * status.progress)
-    parts = [status.state.capitalize()]
-    if status.state == QUEUED:
-        parts.append(f"{status.queue_position} ahead in the queue")
-    elif status.phase == "finetune" and status.epochs and not status.is_finished:
-        parts.append(f"fine-tuning epoch {status.epoch}/{status.epochs}")
-        if status.steps:
-            parts.append(f"step {status.step}/{status.steps}")
-    elif status.phase == "probe" and not status.is_finished:
-        parts.append("linear probe")
-    if "loss" in status.step_metrics and not status.is_finished:
-        parts.append(f"loss {status.step_metrics['loss']:.3f}")
-    parts += [f"{percent}%", f"{status.elapsed_s:.0f} s"]
-    detail = public_message(status.error or status.message)
-    return (
-        f'<div class="train-progress" data-state="{status.state}" data-progress="{percent}">'
-        f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
-        f'<div style="width:{percent}%;height:14px;background:#6366f1;transition:width 0.5s"></div></div>'
-        f"<p><b>{escape_html(' · '.join(parts))}</b><br>{escape_html(detail)}</p></div>"
-    )
-
-
-def epoch_table(history: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per finished epoch; epoch 0 is the linear probe."""
-    rows = [
-        [
-            row.get("epoch"),
-            row.get("phase"),
-            _rounded(row.get("train_loss")),
-            _rounded(row.get("train_acc")),
-            _rounded(row.get("val_loss")),
-            _rounded(row.get("val_top1")),
-            _rounded(row.get("time_s"), 1),
-        ]
-        for row in history
-    ]
-    return pd.DataFrame(rows, columns=EPOCH_COLUMNS)
-
-
-def curves_image(status: JobStatus) -> Image.Image | None:
-    """The engine's curves.png of the run (rewritten after each epoch), as a picture the browser can get."""
-    path = status.run_dir / CURVES_PNG if status.run_dir else None
-    if path is None or not path.is_file():
-        return None
-    with Image.open(path) as image:
-        return image.copy()
-
-
 def finish(
     manager: TrainingManager,
     service: InferenceService,
@@ -259,25 +206,6 @@ def finish(
         menu,
         render_data_check(status.run_dir),  # findings and the top-losses gallery
     )
-
-
-def result_note(status: JobStatus, metrics: dict[str, Any]) -> str:
-    """What happened, the validation score and how to use the model."""
-    if not status.has_model:
-        detail = escape_markdown(public_message(status.error or status.message))
-        return f"**{status.state.capitalize()}.** {detail}"
-    score, what = status.metrics.get("val_top1"), "top-1"
-    if score is None and status.metrics.get("val_map") is not None:  # a multi-label run (labels.csv)
-        score, what = status.metrics["val_map"], "mAP"
-    lines = [
-        f"**{escape_markdown(status.message)}.** Validation {what} of the kept model: **{score:.1%}** "
-        f"(epoch {status.metrics.get('best_epoch')}, {status.metrics.get('strategy_used')}).",
-        f"The model **{status.run_id}** is now in the **Model** menu above: pick it there to use it in "
-        "Classify, Explain and Batch. Download the run folder below.",
-    ]
-    if metrics.get("dataset"):
-        lines.append(escape_markdown(metrics["dataset"]))  # class and file names from the upload
-    return "  \n".join(lines)
 
 
 def build(
@@ -474,7 +402,3 @@ def zip_for_download(manager: TrainingManager, run_id: str) -> str:
     # demo/disk_limits.py also bounds the whole folder's size
     prune_folder(folder, max_age_s=KEEP_DOWNLOADS_S, protected=[folder / f"{run_id}.zip"])
     return str(manager.zip_run(run_id, folder))
-
-
-def _rounded(value: Any, digits: int = 4) -> Any:
-    return round(value, digits) if isinstance(value, float) else value

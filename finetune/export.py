@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -34,8 +33,14 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.checkpoint import LoadedRun, atomic_write, load_default_run, load_run, unwrap_model
-from finetune.disk import limit_from_env, prune_folder
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
+from finetune.export_cache import (
+    CACHE_ENV,
+    ONNX_FILE,
+    mark_used,
+    onnx_locations,
+    prune_if_cached,
+)
 from finetune.images import is_image_file, open_image
 from finetune.inference import (
     DEFAULT_RUN,
@@ -51,15 +56,11 @@ from finetune.trust import FEATURES_OUTPUT, LogitsAndFeatures
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 EXPORT_FORMAT = "2"  # bump when the export changes in a way that makes older files unfit to serve
 # (2: a second output, the penultimate features, for the "none of these" score; see finetune.trust)
 OPSET = 20  # supported by every onnxruntime >= 1.17
 PARITY_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over all classes and check images
 MAX_CHECK_IMAGES = 32
-CACHE_ENV = "STUDIO_CACHE_DIR"
-CACHE_LIMIT_ENV = "STUDIO_ONNX_CACHE_GB"
-CACHE_LIMIT_GB = 2.0  # the export cache keeps its most recently used exports within this size (~20 MB each)
 META_FINGERPRINT = "studio.fingerprint"
 
 
@@ -90,41 +91,6 @@ def weights_fingerprint(run: LoadedRun) -> str:
     return digest.hexdigest()
 
 
-def cache_root() -> Path:
-    """Where exports of read-only or folder-less runs go: $STUDIO_CACHE_DIR, else the user's cache folder."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "image-recognition-studio"
-
-
-def onnx_locations(run: LoadedRun, fingerprint: str, name: str = ONNX_FILE) -> tuple[list[Path], Path]:
-    """(places to look for a matching export named `name`, in order; the place to write a new one).
-
-    A run folder's own export is used only where we would have written it ourselves (a writable folder
-    outside the Hugging Face cache). A `model.onnx` that came down with an `hf-hub:` run, or sits in a
-    read-only folder, was made by someone else: its fingerprint is a metadata string anyone can copy, and a
-    parity check on a few photos cannot rule out a graph that differs elsewhere. Such runs are exported
-    again into the cache and checked against PyTorch like any local export, so Classify serves the same
-    weights that Explain uses.
-    """
-    cached = cache_root() / "onnx" / f"{run.architecture}-{fingerprint[:16]}" / name
-    if run.run_dir is None or not _is_writable_run_dir(Path(run.run_dir)):
-        return [cached], cached
-    return [Path(run.run_dir) / name, cached], Path(run.run_dir) / name
-
-
-def prune_export_cache() -> None:
-    """Keep the export cache within $STUDIO_ONNX_CACHE_GB (default 2), least recently used exports first.
-
-    A running server keeps its ONNX sessions in memory, so deleting a file it loaded costs only a new
-    export the next time that run starts; the export written a moment ago is always kept.
-    """
-    prune_folder(
-        cache_root() / "onnx", max_bytes=limit_from_env(CACHE_LIMIT_ENV, CACHE_LIMIT_GB), keep_newer_than_s=60
-    )
-
-
 def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = False) -> OnnxClassifier:
     """An `OnnxClassifier` on a matching export of `run`; exports (and checks) one first if there is none.
 
@@ -137,7 +103,7 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         classifier = _open_if_matching(run, path, fingerprint, batch_size, "int8" if int8 else "fp32")
         if classifier is not None:
             logger.info("Serving with ONNX Runtime from %s", path)
-            _mark_used(path)
+            mark_used(path)
             return classifier
     if int8:
         fp32 = load_onnx_classifier(run, batch_size)
@@ -145,7 +111,7 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         with _writable(target):
             classifier, report = export_int8(fp32, target, sample_images(), fingerprint)
         logger.info("Quantized: %s", report.summary())
-        _prune_if_cached(target)
+        prune_if_cached(target)
         return classifier
     logger.info("Exporting %s to ONNX at %s (once; later starts reuse it)", run.architecture, target)
     with _writable(target):
@@ -156,20 +122,8 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         result.parity.max_prob_diff,
         result.parity.n_images,
     )
-    _prune_if_cached(target)
+    prune_if_cached(target)
     return result.classifier
-
-
-def _mark_used(path: Path) -> None:
-    """Touch a cached export when it is served, so pruning removes the least recently used ones first."""
-    if path.is_relative_to(cache_root()):
-        with contextlib.suppress(OSError):
-            os.utime(path)
-
-
-def _prune_if_cached(target: Path) -> None:
-    if target.is_relative_to(cache_root()):
-        prune_export_cache()
 
 
 @contextlib.contextmanager
@@ -343,18 +297,6 @@ def _open_if_matching(
         logger.warning("%s was exported from other weights or another version; exporting again", path)
         return None
     return classifier
-
-
-def _is_writable_run_dir(run_dir: Path) -> bool:
-    """False for read-only folders and for the Hugging Face cache, whose snapshots must stay as downloaded."""
-    if not os.access(run_dir, os.W_OK):
-        return False
-    try:
-        from huggingface_hub import constants
-
-        return not run_dir.resolve().is_relative_to(Path(constants.HF_HUB_CACHE).resolve())
-    except ImportError:
-        return True
 
 
 def get_parser() -> argparse.ArgumentParser:
