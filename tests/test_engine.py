@@ -1,12 +1,17 @@
-"""Engine pieces on their own: the CUDA autocast choice, the linear probe's loss and sampler."""
+"""Engine pieces on their own: CUDA autocast, the linear probe's loss and sampler, the fused optimizer."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+import timm
 import torch
+from timm.optim import create_optimizer_v2
 
+from finetune.checkpoint import load_train_state, save_train_state
+from finetune.config import TrainConfig
 from finetune.precision import (
     FP32_TRAINING_MAX_PX,
     Precision,
@@ -15,6 +20,7 @@ from finetune.precision import (
     training_precision,
 )
 from finetune.probe import fit_linear_probe
+from finetune.trainer import create_optimizer
 
 
 @pytest.mark.parametrize(
@@ -102,3 +108,48 @@ def test_the_probe_takes_the_fine_tuning_label_smoothing() -> None:
             confidence[smoothing] = head(features).softmax(1).max(1).values.mean().item()
     assert confidence[0.0] > 0.99
     assert 0.9 < confidence[0.1] < 0.97
+
+
+def _stepped(optimizer: torch.optim.Optimizer, model: torch.nn.Module, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for parameter in model.parameters():
+            parameter.grad = torch.randn(parameter.shape, generator=generator) * 1e-2
+        optimizer.step()
+
+
+def test_adamw_runs_fused_with_the_same_updates_and_a_saved_state_resumes_on_channels_last_weights(
+    tmp_path: Path,
+) -> None:
+    config = TrainConfig(data_dir=Path("unused"), out=Path("unused"), opt="adamw", layer_decay=0.85)
+    cpu = torch.device("cpu")
+    models = [timm.create_model("test_efficientnet", num_classes=3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:  # as the trainer lays them out; the hand-written gradients below stay contiguous
+        model.to(memory_format=torch.channels_last)
+    fused = create_optimizer(models[0], config, 1e-3, cpu)
+    plain = create_optimizer_v2(
+        models[1], opt="adamw", lr=1e-3, weight_decay=config.weight_decay, layer_decay=0.85
+    )
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    assert len(fused.param_groups) == len(plain.param_groups) > 1  # layer decay kept
+    _stepped(fused, models[0], 3)
+    _stepped(plain, models[1], 3)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # saved to disk (contiguous tensors) and resumed: the next updates still match the uninterrupted plain run
+    save_train_state(tmp_path, {"optimizer": fused.state_dict()})
+    resumed = create_optimizer(models[0], config, 1e-3, cpu)
+    resumed.load_state_dict(load_train_state(tmp_path)["optimizer"])
+    _stepped(resumed, models[0], 2, seed=1)
+    _stepped(plain, models[1], 2, seed=1)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_optimizers_without_a_fused_kernel_are_built_as_timm_builds_them() -> None:
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    optimizer = create_optimizer(
+        model, TrainConfig(data_dir=Path("unused"), out=Path("unused"), opt="sgd"), 1e-2, torch.device("cpu")
+    )
+    assert isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults.get("fused")
