@@ -18,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from finetune.cli import EXIT_INTERRUPTED, configure_logging, run_cli
 from finetune.config import (
+    AUGMENT_MODES,
     BALANCE_MODES,
     DEVICES,
     MULTILABEL_LOSSES,
@@ -102,6 +103,11 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument(
         "--hflip", action="store_true", help="random horizontal flips (only if flips keep meaning)"
     )
+    recipe.add_argument(
+        "--augment", choices=AUGMENT_MODES, default=d["augment"],
+        help="mild rotation/scale/shift/brightness/contrast jitter of training images; auto: on, except for "
+        "20,000+ training images seen at most 6 times each, which train as they are",
+    )  # fmt: skip
     recipe.add_argument(
         "--frozen-groups", type=int, default=d["frozen_groups"],
         help="leading layer groups (stem, then stages or blocks) kept frozen while fine-tuning; -1 = from "

@@ -38,9 +38,18 @@ def augment(
     std: Sequence[float],
     generator: torch.Generator,
     hflip: bool = False,
+    jitter: bool = True,
 ) -> torch.Tensor:
-    """Random affine + photometric jitter of a uint8 batch, returned normalized like `normalize`."""
+    """Random affine + photometric jitter of a uint8 batch, returned normalized like `normalize`.
+
+    With `jitter` off the images stay as they are, except for the random flips `hflip` asks for.
+    """
     count = pixels.shape[0]
+    if not jitter:
+        if hflip:
+            flipped = torch.rand(count, generator=generator) < 0.5
+            pixels = torch.where(flipped.view(-1, 1, 1, 1).to(pixels.device), pixels.flip(-1), pixels)
+        return normalize(pixels, mean, std)
 
     def uniform(limit: float) -> torch.Tensor:
         return (torch.rand(count, generator=generator) * 2 - 1) * limit

@@ -13,6 +13,7 @@ from finetune.modeling import DEFAULT_MODEL
 
 STRATEGIES = ("auto", "linear", "finetune", "lp-ft")
 BALANCE_MODES = ("auto", "none", "loss", "sampler")
+AUGMENT_MODES = ("auto", "on", "off")  # --augment: the training jitter (finetune/augment.py)
 MULTILABEL_LOSSES = ("bce", "asl")  # finetune/multilabel.py make_loss
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -43,6 +44,7 @@ class TrainConfig:
     balance: str = "auto"  # auto (loss weights when classes differ 3x or more) | none | loss | sampler
     img_size: int = 0  # square train/eval size; 0 picks from the data (finetune/recipe.py plan_recipe)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)
+    augment: str = "auto"  # auto | on | off: the training jitter (auto: off for large sets seen <= 6 times)
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while fine-tuning (stable on small data)
     frozen_groups: int = (
         -1
@@ -67,6 +69,7 @@ class TrainConfig:
         self.exclude_issues = Path(self.exclude_issues) if self.exclude_issues else None
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("balance", self.balance, BALANCE_MODES)
+        _choice("augment", self.augment, AUGMENT_MODES)
         _choice("multilabel_loss", self.multilabel_loss, MULTILABEL_LOSSES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)

@@ -121,6 +121,7 @@ class EpochSettings:
     seed: int = 0
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
     hflip: bool = False
+    jitter: bool = True  # finetune/augment.py's affine + photometric jitter (recipe.plan_jitter)
     freeze_bn: bool = True
     sample_weights: torch.Tensor | None = None  # class-balanced sampling when set
 
@@ -177,8 +178,8 @@ def train_one_epoch(
             stopped = True
             break
         pixels, targets = data.pixels[index], data.targets[index]  # one batch read from the cache
-        inputs = augment(pixels, s.mean, s.std, generator, hflip=s.hflip).to(precision.device)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = augment(pixels, s.mean, s.std, generator, hflip=s.hflip, jitter=s.jitter)
+        inputs = inputs.to(precision.device).contiguous(memory_format=torch.channels_last)
         targets = targets.to(precision.device)
         with precision.autocast():
             logits = model(inputs)

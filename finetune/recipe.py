@@ -47,6 +47,8 @@ FEW_IMAGES = 400  # at or below this many training images, native resolution and
 FREEZE_HALF = -1  # TrainConfig.frozen_groups value meaning "the first half of the layer groups"
 FEW_SHOT_PER_CLASS = 24  # below this median of training images per class, `auto` keeps the probe (above)
 WHOLE_BACKBONE_MAX_PX = 64  # at or below this training size the whole backbone is trained (above)
+AS_IS_MIN_IMAGES = 20_000  # from this many training images, seen at most AS_IS_MAX_EPOCHS times each,
+AS_IS_MAX_EPOCHS = 6  # `auto` trains on the images as they are (plan_jitter)
 
 
 @dataclass(frozen=True)
@@ -99,3 +101,21 @@ def plan_recipe(
 def _median_per_class(train: Sequence[Sample]) -> float:
     counts = Counter(sample.target for sample in train)
     return float(statistics.median(counts.values())) if counts else 0.0
+
+
+def plan_jitter(requested: str, num_train: int, epochs: int) -> tuple[bool, str]:
+    """Whether training batches get the mild affine + photometric jitter of finetune/augment.py, and why.
+
+    Jitter invents the variety a small set lacks, at a price: each distorted view is a less typical example,
+    so an update teaches less about the images as they are. A large set seen a few times has variety of its
+    own and is not memorized (Fashion-MNIST, 48,000 training images: with jitter, training accuracy still
+    trailed validation after 4 epochs), so there the price buys nothing. At a fixed 2 epochs on it (same
+    split, seed and probe), validation top-1 went from 92.18% to 93.09% and the official test from 91.81% to
+    92.69% without jitter. `epochs` is how often the run means to see each image (--epochs, or what `auto`
+    wants before the time budget cuts it); flips (--hflip) are a separate choice and apply either way.
+    """
+    if requested != "auto":
+        return requested == "on", f"--augment {requested}"
+    if num_train >= AS_IS_MIN_IMAGES and epochs <= AS_IS_MAX_EPOCHS:
+        return False, f"{num_train} training images seen at most {epochs} times: trained as they are"
+    return True, "mild jitter (rotation, scale, shift, brightness, contrast) for variety"

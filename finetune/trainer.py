@@ -40,6 +40,7 @@ from finetune.engine import (
 from finetune.errors import ConfigError, StoppedError
 from finetune.inspect import check_run_data
 from finetune.probe import fit_linear_probe
+from finetune.recipe import plan_jitter
 from finetune.run_finish import finish, finished_result
 from finetune.run_prepare import prepare_run
 from finetune.training_run import (
@@ -291,6 +292,8 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     wanted = _wanted_steps(config, steps_per_epoch)
     if run.multilabel is not None and not config.epochs:
         wanted = multilabel_train.wanted_steps(wanted, steps_per_epoch)
+    jitter, jitter_reason = plan_jitter(config.augment, len(run.train), -(-wanted // steps_per_epoch))
+    run.studio["plan"]["augment"] = {"jitter": jitter, "hflip": config.hflip, "reason": jitter_reason}
     if state and _budgeted(config):  # the budget's plan (a state saved before budgets counts epochs)
         total = state.get("max_updates") or state["epochs"] * steps_per_epoch
     elif state:  # --epochs: whole epochs of this world size (a resume may run on fewer processes)
@@ -317,8 +320,8 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     opt = Optimization(optimizer, scheduler, loss_fn, ema=ema, grad_scaler=scaler, max_updates=total)
     settings = EpochSettings(
         precision=run.train_precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
-        seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, freeze_bn=config.freeze_bn,
-        sample_weights=run.sample_weights,
+        seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, jitter=jitter,
+        freeze_bn=config.freeze_bn, sample_weights=run.sample_weights,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:

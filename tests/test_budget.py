@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_MODEL, write_digits_folder
 
 from finetune import budget, trainer
+from finetune.augment import normalize
 from finetune.budget import (
     CLOCK_SKIP,
     CLOCK_STEPS,
@@ -223,3 +224,45 @@ def test_a_set_whose_cache_does_not_fit_streams_from_the_files_and_trains_the_sa
     assert [row["train_loss"] for row in streamed.history] == pytest.approx(
         [row["train_loss"] for row in cached.history], abs=1e-5
     )
+
+
+def test_training_without_jitter_feeds_the_cached_pixels_as_they_are_and_flips_only_when_asked() -> None:
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 255, size=(16, 3, 32, 32), dtype=np.uint8))
+    data = CachedImages(CachedPixels(pixels.numpy(), np.arange(16)), torch.arange(16) % 2, [])
+    mean, std = (0.5,) * 3, (0.25,) * 3
+
+    def key(image: torch.Tensor) -> tuple[float, ...]:
+        return tuple(image.flatten()[:64].tolist())
+
+    as_stored = {key(image) for image in normalize(pixels, mean, std)}
+    mirrored = {key(image) for image in normalize(pixels.flip(-1), mean, std)}
+
+    class Recording(torch.nn.Module):  # a real model that keeps what it was fed
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm.create_model("test_efficientnet", num_classes=2)
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            self.seen.extend(inputs.detach().clone())
+            return self.model(inputs)
+
+    def fed(**flags: bool) -> list[tuple[float, ...]]:
+        model = Recording()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        opt = Optimization(optimizer, _NoSchedule(), torch.nn.CrossEntropyLoss())
+        cpu = Precision(torch.device("cpu"), None)
+        settings = EpochSettings(cpu, DistContext(), mean, std, batch_size=8, **flags)
+        train_one_epoch(model, data, settings, opt, epoch=1)
+        return [key(image) for image in model.seen]
+
+    assert sorted(fed(jitter=False)) == sorted(as_stored)
+    flipped = fed(jitter=False, hflip=True)
+    assert all(image in as_stored or image in mirrored for image in flipped)
+    assert any(image in mirrored for image in flipped) and any(image in as_stored for image in flipped)
+    assert not any(image in as_stored for image in fed())  # the default jitters every image
+
+
+class _NoSchedule:
+    def step_update(self, num_updates: int) -> None:
+        pass

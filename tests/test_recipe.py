@@ -7,7 +7,16 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data import Sample
-from finetune.recipe import FEW_IMAGES, FEW_SHOT_PER_CLASS, FREEZE_HALF, WHOLE_BACKBONE_MAX_PX, plan_recipe
+from finetune.recipe import (
+    AS_IS_MAX_EPOCHS,
+    AS_IS_MIN_IMAGES,
+    FEW_IMAGES,
+    FEW_SHOT_PER_CLASS,
+    FREEZE_HALF,
+    WHOLE_BACKBONE_MAX_PX,
+    plan_jitter,
+    plan_recipe,
+)
 
 
 def _samples(tmp_path: Path, side: int, count: int) -> list[Sample]:
@@ -64,3 +73,15 @@ def test_few_shot_data_keeps_the_probe_and_more_images_per_class_do_not(tmp_path
     few = plan_recipe(_samples(tmp_path, 28, 2 * (FEW_SHOT_PER_CLASS - 1)), native_size=224)
     assert few.probe_only and "probe only" in few.reason
     assert not plan_recipe(_samples(tmp_path, 28, 2 * FEW_SHOT_PER_CLASS), native_size=224).probe_only
+
+
+def test_large_sets_seen_a_few_times_train_as_they_are_and_small_or_long_runs_keep_the_jitter() -> None:
+    assert plan_jitter("auto", 48_000, 6)[0] is False  # Fashion-MNIST under auto
+    assert plan_jitter("auto", AS_IS_MIN_IMAGES, AS_IS_MAX_EPOCHS)[0] is False
+    assert plan_jitter("auto", AS_IS_MIN_IMAGES - 1, 6)[0] is True  # fewer images: variety is what they lack
+    assert (
+        plan_jitter("auto", 48_000, AS_IS_MAX_EPOCHS + 1)[0] is True
+    )  # --epochs 7+: seen often enough to memorize
+    assert plan_jitter("auto", 1_200, 12)[0] is True  # digits
+    assert plan_jitter("on", 48_000, 2) == (True, "--augment on")
+    assert plan_jitter("off", 500, 30) == (False, "--augment off")

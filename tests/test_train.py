@@ -43,7 +43,8 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=15)
     (data / "digit_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "run"
-    result = run_cli(str(data), "--out", str(out), "--epochs", "2", "--batch-size", "8", *TINY)
+    flags = ("--epochs", "2", "--batch-size", "8", "--augment", "off")
+    result = run_cli(str(data), "--out", str(out), *flags, *TINY)
     assert result.returncode == 0, result.stderr
     for name in (
         "model.safetensors", "config.json", "metrics.json", "curves.png", "confusion_matrix.png",
@@ -55,6 +56,7 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["label_names"] == ["digit_0", "digit_1", "digit_2"]
     assert config["studio"]["train_config"]["epochs"] == 2
+    assert config["studio"]["plan"]["augment"] == {"jitter": False, "hflip": False, "reason": "--augment off"}
     # the recipe plan (finetune/recipe.py): a given size is kept; few images train the whole backbone
     assert (config["studio"]["plan"]["image_size"], config["studio"]["plan"]["frozen_groups"]) == (48, 0)
     assert config["studio"]["dataset"]["num_bad_files"] == 1
