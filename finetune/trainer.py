@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from finetune import checkpoint, multilabel_train
@@ -39,6 +38,7 @@ from finetune.engine import (
 )
 from finetune.errors import ConfigError, StoppedError
 from finetune.inspect import check_run_data
+from finetune.optimizers import create_optimizer
 from finetune.probe import fit_linear_probe
 from finetune.recipe import plan_jitter
 from finetune.run_finish import finish, finished_result
@@ -71,7 +71,6 @@ PROBE_CALIBRATION_IMAGES, MIN_PROBE_IMAGES = 64, 2000  # timed first batch; the 
 # EMA decay warms up as 1 - (1 + step) ** -power (capped at --ema-decay): ~0.9 after 20 updates, 0.98 after
 # 180, so a short run's average follows training instead of keeping ~70% of the starting weights
 EMA_WARMUP_POWER = 0.75
-FUSED_OPTIMIZERS = ("adam", "adamw")  # torch ships fused CPU and CUDA kernels for these two
 
 
 def fine_tune(
@@ -232,45 +231,6 @@ def _probe_training_images(run: TrainingRun) -> torch.Tensor | None:
     )  # fmt: skip
     run.studio["probe_images"] = fits
     return order[:fits].sort().values
-
-
-def create_optimizer(
-    model: torch.nn.Module, config: TrainConfig, lr: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """timm's optimizer for `config.opt` with layer decay; Adam and AdamW run fused where torch has it.
-
-    The fused kernel updates every parameter in one pass instead of a dozen small ops per tensor: for lite0's
-    149 tensors on 2 CPU cores, 5 ms an update instead of 15, about 5% of a 64 px training step. The
-    arithmetic is AdamW's own, and the saved optimizer state is the same (a resume may switch between them).
-    """
-    fused = config.opt.lower() in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda")
-    optimizer = create_optimizer_v2(
-        model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
-        layer_decay=config.layer_decay if config.layer_decay < 1 else None,
-        **({"fused": True} if fused else {}),
-    )  # fmt: skip
-    if fused:
-        optimizer.register_step_pre_hook(_lay_out_like_parameters)
-    return optimizer
-
-
-def _lay_out_like_parameters(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """Give each gradient and moment its parameter's memory layout before a fused step.
-
-    The fused kernels walk a parameter, its gradient and its moments as flat memory, so a tensor laid out
-    differently pairs the wrong elements, silently. Convolution weights are channels-last here; autograd's
-    gradients follow them, but a state loaded on resume comes back contiguous (a resumed run then drifts from
-    an uninterrupted one), and so would a gradient written by hand. Checking costs well under 1 ms a step.
-    """
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            if parameter.grad is not None and parameter.grad.stride() != parameter.stride():
-                parameter.grad = torch.empty_like(parameter).copy_(parameter.grad)
-            slots = optimizer.state.get(parameter, {})
-            for name, value in slots.items():
-                is_moment = isinstance(value, torch.Tensor) and value.shape == parameter.shape
-                if is_moment and value.stride() != parameter.stride():
-                    slots[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:

@@ -12,6 +12,7 @@ from timm.optim import create_optimizer_v2
 
 from finetune.checkpoint import load_train_state, save_train_state
 from finetune.config import TrainConfig
+from finetune.optimizers import create_optimizer
 from finetune.precision import (
     FP32_TRAINING_MAX_PX,
     Precision,
@@ -20,7 +21,6 @@ from finetune.precision import (
     training_precision,
 )
 from finetune.probe import fit_linear_probe
-from finetune.trainer import create_optimizer
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,51 @@
+"""The fine-tuning optimizer: timm's, with layer decay, on torch's fused Adam/AdamW kernels if any."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from finetune.config import TrainConfig
+
+FUSED_OPTIMIZERS = ("adam", "adamw")  # torch ships fused CPU and CUDA kernels for these two
+
+
+def create_optimizer(
+    model: torch.nn.Module, config: TrainConfig, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """timm's optimizer for `config.opt` with layer decay; Adam and AdamW run fused where torch has it.
+
+    The fused kernel updates every parameter in one pass instead of a dozen small ops per tensor: for lite0's
+    149 tensors on 2 CPU cores, 6-8 ms an update instead of 14-17, about 4% of a 64 px training step. The
+    arithmetic is AdamW's own, and the saved optimizer state is the same (a resume may switch between them).
+    """
+    fused = config.opt.lower() in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda")
+    optimizer = create_optimizer_v2(
+        model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay if config.layer_decay < 1 else None,
+        **({"fused": True} if fused else {}),
+    )  # fmt: skip
+    if fused:
+        optimizer.register_step_pre_hook(_lay_out_like_parameters)
+    return optimizer
+
+
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Give each gradient and moment its parameter's memory layout before a fused step.
+
+    The fused kernels walk a parameter, its gradient and its moments as flat memory, so a tensor laid out
+    differently pairs the wrong elements, silently. Convolution weights are channels-last here; autograd's
+    gradients follow them, but a state loaded on resume comes back contiguous (a resumed run then drifts from
+    an uninterrupted one), and so would a gradient written by hand. Checking costs well under 1 ms a step.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None and parameter.grad.stride() != parameter.stride():
+                parameter.grad = torch.empty_like(parameter).copy_(parameter.grad)
+            slots = optimizer.state.get(parameter, {})
+            for name, value in slots.items():
+                is_moment = isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                if is_moment and value.stride() != parameter.stride():
+                    slots[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
