@@ -108,11 +108,12 @@ def plan_jitter(requested: str, num_train: int, epochs: int) -> tuple[bool, str]
 
     Jitter invents the variety a small set lacks, at a price: each distorted view is a less typical example,
     so an update teaches less about the images as they are. A large set seen a few times has variety of its
-    own and is not memorized (Fashion-MNIST, 48,000 training images: with jitter, training accuracy still
-    trailed validation after 4 epochs), so there the price buys nothing. At a fixed 2 epochs on it (same
-    split, seed and probe), validation top-1 went from 92.18% to 93.09% and the official test from 91.81% to
-    92.69% without jitter. `epochs` is how often the run means to see each image (--epochs, or what `auto`
-    wants before the time budget cuts it); flips (--hflip) are a separate choice and apply either way.
+    own and is not memorized (Fashion-MNIST, 48,000 training images: with jitter, training accuracy was
+    still level with validation after 4 epochs), so there the price buys nothing. At a fixed 2 epochs on
+    it (same split, seed and probe), validation top-1 went from 92.18% to 93.09% and the official test
+    from 91.81% to 92.69% without jitter. `epochs` is how often the run means to see each image (--epochs,
+    or what `auto` wants before the time budget cuts it); flips (--hflip) are a separate choice and apply
+    either way.
     """
     if requested != "auto":
         return requested == "on", f"--augment {requested}"
