@@ -133,6 +133,10 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=d["val_fraction"], help="validation share per class"
     )
     data.add_argument(
+        "--val-max-images", type=int, default=d["val_max_images"],
+        help="at most about this many validation images in all (a smaller share of a large set); 0 = no cap",
+    )  # fmt: skip
+    data.add_argument(
         "--seed", type=int, default=d["seed"], help="seed for split, shuffling and augmentation"
     )
     data.add_argument("--workers", type=int, default=d["workers"], help="decoding threads; 0 = all cores")

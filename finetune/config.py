@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data import VAL_MAX_IMAGES
 from finetune.errors import ConfigError
 from finetune.modeling import DEFAULT_MODEL
 
@@ -50,6 +51,7 @@ class TrainConfig:
         -1
     )  # leading layer groups (stem first) kept frozen when fine-tuning; -1 = from the data (recipe.py)
     val_fraction: float = 0.2  # share of each class held out when DATA_DIR has no val/ folder
+    val_max_images: int = VAL_MAX_IMAGES  # ...but at most about this many (large sets hold out less); 0: all
     accept_rate: float = 0.95  # "none of these" threshold: the share of validation images it accepts
     patience: int = 3  # early stopping: epochs without a better validation score
     probe_epochs: int = 60  # linear-probe epochs on cached features (cheap: the backbone runs once)
@@ -78,6 +80,7 @@ class TrainConfig:
         _at_least("patience", self.patience, 1)
         _at_least("probe_epochs", self.probe_epochs, 1)
         _at_least("workers", self.workers, 0)
+        _at_least("val_max_images", self.val_max_images, 0)
         _at_least("frozen_groups", self.frozen_groups, -1)
         _at_least("warmup_epochs", self.warmup_epochs, 0)
         _at_least("weight_decay", self.weight_decay, 0)

@@ -122,8 +122,11 @@ def find_layout(data_dir: Path, source: str | None = None) -> Layout:
     return Layout(root=data_dir, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir)
 
 
-def scan_dataset(data_dir: Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
-    """Find classes and images by `find_layout`; without a val/ folder, make a stratified, seeded split."""
+def scan_dataset(
+    data_dir: Path, val_fraction: float = 0.2, seed: int = 0, val_max_images: int = 0
+) -> DatasetSplit:
+    """Find classes and images by `find_layout`; without a val/ folder, make a stratified, seeded split
+    (`val_fraction` of each class, at most `val_max_images` in all when that is set)."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DatasetError(f"dataset folder '{data_dir}' does not exist.")
@@ -136,7 +139,7 @@ def scan_dataset(data_dir: Path, val_fraction: float = 0.2, seed: int = 0) -> Da
     if layout.val_dir is not None:
         train, val = samples, _samples(layout.val_dir, classes)
     else:
-        train, val = stratified_split(samples, val_fraction, seed)
+        train, val = stratified_split(samples, val_fraction, seed, val_max_images)
     test = _samples(layout.test_dir, classes) if layout.test_dir is not None else []
     return DatasetSplit(
         classes=classes, train=train, val=val, has_val_folder=layout.has_val_folder, test=test,
@@ -145,12 +148,16 @@ def scan_dataset(data_dir: Path, val_fraction: float = 0.2, seed: int = 0) -> Da
 
 
 def stratified_split(
-    samples: Sequence[Sample], val_fraction: float, seed: int
+    samples: Sequence[Sample], val_fraction: float, seed: int, val_max_images: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
     """Per class, a seeded shuffle then `val_fraction` of it (at least one image) to validation.
 
-    A class with a single image stays in training: it could not be learned otherwise.
+    With `val_max_images`, a large set holds out a smaller share, the same for every class, so that about
+    that many images validate in all: a few thousand measure a score to a few tenths of a point, and the rest
+    train. A class with a single image stays in training: it could not be learned otherwise.
     """
+    if val_max_images and len(samples) * val_fraction > val_max_images:
+        val_fraction = val_max_images / len(samples)
     rng = np.random.default_rng(seed)
     train: list[Sample] = []
     val: list[Sample] = []
@@ -163,6 +170,7 @@ def stratified_split(
     return train, val
 
 
+VAL_MAX_IMAGES = 5000  # default cap of a split's validation images (--val-max-images; stratified_split)
 SMALL_IMAGE_FLOOR = 64  # px: below this a stride-32 backbone ends in a single 1x1 cell
 
 

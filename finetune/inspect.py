@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from finetune.data import DatasetSplit, scan_dataset
+from finetune.data import VAL_MAX_IMAGES, DatasetSplit, scan_dataset
 from finetune.data_health import FileRef, HealthInput, check_data, pixel_signatures
 from finetune.data_report import (
     add_training_results,
@@ -192,6 +192,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="timm backbone without --checkpoint (default lite0)")
     parser.add_argument("--img-size", type=int, default=0, help="decode size; 0 = what training would use")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share per class")
+    parser.add_argument(
+        "--val-max-images", type=int, default=VAL_MAX_IMAGES,
+        help="at most about this many validation images in all, as training splits them; 0 = no cap",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the k-fold probe")
     parser.add_argument("--workers", type=int, default=0, help="decoding threads; 0 = all cores")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -223,7 +227,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if record is not None and record.is_dataset(args.data_dir):
             split = record.to_split()
     if split is None:
-        split = scan_dataset(args.data_dir, args.val_fraction, args.seed)
+        split = scan_dataset(args.data_dir, args.val_fraction, args.seed, args.val_max_images)
     if args.checkpoint is None:
         model_name = args.model or modeling.DEFAULT_MODEL
         created = modeling.create_model_and_transforms(model_name, len(split.classes))

@@ -138,11 +138,13 @@ def read_labels_csv(
     return labels, entries
 
 
-def scan_labels_csv(csv_path: Path, val_fraction: float = 0.2, seed: int = 0) -> MultiLabelSplit:
+def scan_labels_csv(
+    csv_path: Path, val_fraction: float = 0.2, seed: int = 0, val_max_images: int = 0
+) -> MultiLabelSplit:
     """Read a labels CSV and split it into train and validation (stratified on each image's rarest label)."""
     labels, entries = read_labels_csv(csv_path)
     samples = make_samples(entries, labels)
-    train, val = stratified_split(samples, val_fraction, seed)
+    train, val = stratified_split(samples, val_fraction, seed, val_max_images)
     return MultiLabelSplit(
         classes=labels, train=train, val=val, layout=LAYOUT, csv_path=Path(os.path.abspath(csv_path))
     )
@@ -281,7 +283,7 @@ def csv_dataset_split(config: Any, is_main: bool, resume: bool) -> MultiLabelSpl
                 f"or start a new run: python -m finetune {config.data_dir} --out NEW_RUN_DIR."
             )
         return record.split
-    split = scan_labels_csv(config.data_dir, config.val_fraction, config.seed)
+    split = scan_labels_csv(config.data_dir, config.val_fraction, config.seed, config.val_max_images)
     if is_main and not resume:
         write_csv_split(config.out, split, config.workers or None)
     return split

@@ -202,7 +202,7 @@ def _dataset_split(config: TrainConfig, dist: DistContext, resume: bool) -> Data
             "%s has no %s (saved by an older version): recomputing the split from the folder, which only "
             "matches the first one if no file was added, removed or renamed since.", config.out, SPLIT_FILE,
         )  # fmt: skip
-    split = scan_dataset(config.data_dir, config.val_fraction, config.seed)
+    split = scan_dataset(config.data_dir, config.val_fraction, config.seed, config.val_max_images)
     if config.exclude_issues is not None:  # files a data report flagged, left out on purpose
         split = apply_exclusions(split, config.data_dir, config.exclude_issues)
     if dist.is_main and not resume:

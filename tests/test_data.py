@@ -11,7 +11,7 @@ import torch
 from conftest import write_digits_folder
 from PIL import Image
 
-from finetune.data import find_layout, scan_dataset, stratified_split, suggest_image_size
+from finetune.data import Sample, find_layout, scan_dataset, stratified_split, suggest_image_size
 from finetune.errors import DatasetError
 from finetune.modeling import create_model_and_transforms, split_eval_transform
 from finetune.pixel_cache import build_cache
@@ -29,6 +29,22 @@ def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
     assert [s.path for s in again.val] == [s.path for s in split.val]
     other = scan_dataset(root, val_fraction=0.2, seed=1)
     assert [s.path for s in other.val] != [s.path for s in split.val]
+
+
+def test_a_large_set_holds_out_a_smaller_share_up_to_the_cap() -> None:
+    """--val-max-images: the same smaller share of every class, so validation stays stratified."""
+    sizes = {0: 1000, 1: 500, 2: 100, 3: 2}
+    samples = [Sample(Path(f"c{t}/{i:04d}.png"), t) for t, n in sizes.items() for i in range(n)]
+
+    def val_counts(val_max_images: int) -> dict[int, int]:
+        _, val = stratified_split(samples, 0.2, seed=0, val_max_images=val_max_images)
+        return {t: sum(s.target == t for s in val) for t in sizes}
+
+    assert val_counts(0) == {0: 200, 1: 100, 2: 20, 3: 1}  # no cap: 20% of each class
+    assert val_counts(161) == {0: 100, 1: 50, 2: 10, 3: 1}  # 10% of each (161 / 1,602), a class of 2 keeps 1
+    assert val_counts(1000) == val_counts(0)  # a cap above 20% of the set changes nothing
+    train, val = stratified_split(samples, 0.2, seed=0, val_max_images=161)
+    assert len(train) + len(val) == len(samples) and not {s.path for s in train} & {s.path for s in val}
 
 
 def test_single_image_class_stays_in_training(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     data = write_digits_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=15)
     (data / "digit_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "run"
-    flags = ("--epochs", "2", "--batch-size", "8", "--augment", "off")
+    # 46 files, 20% would be 9: --val-max-images 6 holds out a smaller share (2 of each class) instead
+    flags = ("--epochs", "2", "--batch-size", "8", "--augment", "off", "--val-max-images", "6")
     result = run_cli(str(data), "--out", str(out), *flags, *TINY)
     assert result.returncode == 0, result.stderr
     for name in (
@@ -74,7 +75,7 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert metrics["val_macro_f1"] == pytest.approx(report["macro avg"]["f1"])
     # the stored score is what finetune.evaluate reproduces from the saved files on the recorded val split
     evaluated, _, _ = evaluate_folder(data, str(out))
-    assert evaluated["subset"] == "val" and evaluated["n"] == config["studio"]["dataset"]["num_val"] == 9
+    assert evaluated["subset"] == "val" and evaluated["n"] == config["studio"]["dataset"]["num_val"] == 6
     assert evaluated["top1"] == pytest.approx(metrics["val_top1"])
     assert "(validation: used to choose the kept weights)" in result.stdout
     load_run(out)
