@@ -17,7 +17,11 @@ SIMILARITY_BLOCK = 1024  # rows of the similarity matrix computed at once (memor
 EXACT_SEARCH_UP_TO = 10_000  # images; above, neighbours are searched on principal components, then re-scored
 SEARCH_DIMS = 128  # principal components of that search (5x cheaper than 1,280 features)
 SEARCH_CANDIDATES = 4  # x NEIGHBOURS candidates a row keeps from the search for the exact re-score
-RESCORE_BLOCK = 128  # rows re-scored at once (memory: rows x candidates x features floats)
+# rows re-scored at once: 16 x 40 candidates x 1,280 features is 3.3 MB a gather. At 128 rows (26 MB) glibc
+# served the gathers from per-thread heap arenas and kept 1-2 GB of freed blocks resident, changing from run
+# to run: the 70,000-image checks peaked at 3.8-4.8 GB instead of 1.8-1.9 (glibc's mmap threshold rises to
+# the size of a freed block, up to 32 MB, and blocks under it are never unmapped)
+RESCORE_BLOCK = 16
 
 
 @dataclass
@@ -40,7 +44,7 @@ def nearest_neighbours(features: torch.Tensor, count: int = NEIGHBOURS) -> Neigh
     unit = torch.nn.functional.normalize(features.float(), dim=1)
     count = min(count, len(unit) - 1)
     approximate = len(unit) > EXACT_SEARCH_UP_TO and unit.shape[1] > SEARCH_DIMS
-    search = _top_directions(unit, SEARCH_DIMS) if approximate else unit
+    search = unit @ principal_directions(unit, SEARCH_DIMS)[1] if approximate else unit
     keep = min(len(unit) - 1, count * SEARCH_CANDIDATES) if approximate else count
     similarity, index = [], []
     for start in range(0, len(unit), SIMILARITY_BLOCK):
@@ -55,10 +59,18 @@ def nearest_neighbours(features: torch.Tensor, count: int = NEIGHBOURS) -> Neigh
     return Neighbours(torch.cat(similarity), torch.cat(index))
 
 
-def _top_directions(unit: torch.Tensor, dims: int) -> torch.Tensor:
-    """`unit` on its top `dims` principal directions, not centred: dot products stay close to the cosines."""
-    _, _, basis = torch.pca_lowrank(unit - unit.mean(dim=0), q=dims, center=False, niter=3)
-    return unit @ basis
+def principal_directions(rows: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), basis (D, dims)): the top `dims` principal directions of `rows` (N, D), best first.
+
+    Taken from the D x D covariance, so no centred copy of the rows is made: for 70,000 x 1,280 features
+    that copy (and the randomized SVD's) was 358 MB each, at the data checks' memory peak. The search
+    (nearest_neighbours) projects the rows as they are, so dot products stay close to the cosines; the
+    k-fold probe (finetune/out_of_fold.py) projects them centred.
+    """
+    mean = rows.mean(dim=0)
+    covariance = (rows.T @ rows).double() / len(rows) - torch.outer(mean.double(), mean.double())
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    return mean, vectors[:, -dims:].flip(1).to(rows.dtype).contiguous()
 
 
 def _rescore(

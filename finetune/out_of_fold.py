@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from finetune.neighbours import Neighbours
+from finetune.neighbours import Neighbours, principal_directions
 from finetune.probe import fit_softmax_regression
 
 FOLDS = 5  # k of the out-of-fold probe
@@ -43,7 +43,8 @@ def _out_of_fold(
     folds = int(fold_of.max()) + 1
     # unit vectors (the geometry the neighbours see), scaled so a modest weight reaches confident logits;
     # principal components keep the big directions without amplifying the small, noisy ones
-    standard = _principal_components(torch.nn.functional.normalize(features.float(), dim=1) * 30, OOF_DIMS)
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    standard = _principal_components(unit.mul_(30), OOF_DIMS)  # in place: one copy of a large set, not two
     probabilities = np.full((len(targets), num_classes), 1.0 / num_classes)
     labels = torch.as_tensor(targets, dtype=torch.long)
     for fold in range(folds):
@@ -80,6 +81,5 @@ def _principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
     """The features projected on their top `dims` principal directions (all of them when fewer)."""
     if features.shape[1] <= dims or len(features) <= dims:
         return features
-    centered = features - features.mean(dim=0)
-    _, _, basis = torch.pca_lowrank(centered, q=dims, center=False, niter=3)
-    return centered @ basis
+    mean, basis = principal_directions(features, dims)
+    return features @ basis - mean @ basis

@@ -24,6 +24,7 @@ from finetune import checkpoint, multilabel_train
 from finetune.budget import MIN_FINETUNE_STEPS, StepClock, StepCosts, UpdateSchedule, affordable_steps
 from finetune.config import TrainConfig
 from finetune.data import batches
+from finetune.decode_budget import return_freed_memory
 from finetune.distributed import DistContext, init_distributed
 from finetune.engine import (
     EpochSettings,
@@ -168,6 +169,7 @@ def _linear_probe(run: TrainingRun) -> bool:
             run.studio["dataset"]["image_size"], run.config.seed,
         )  # fmt: skip
         run.emit(TrainEvent("status", phase="inspect", message=summary))
+        return_freed_memory()  # the checks' freed blocks (~300 MB on 70,000 images), before training
     if run.dist.any_true(run.should_stop()):
         return True
     if run.multilabel is not None:

@@ -337,7 +337,6 @@ def test_neighbours_of_a_large_set_are_searched_on_principal_directions_and_resc
     exact = neighbours.nearest_neighbours(features)
     monkeypatch.setattr(neighbours, "EXACT_SEARCH_UP_TO", 500)
     monkeypatch.setattr(neighbours, "SEARCH_DIMS", 16)
-    torch.manual_seed(0)  # torch.pca_lowrank starts from random vectors
     searched = neighbours.nearest_neighbours(features)
 
     unit = torch.nn.functional.normalize(features, dim=1)
@@ -350,3 +349,20 @@ def test_neighbours_of_a_large_set_are_searched_on_principal_directions_and_resc
     overlap = sum(len(set(a) & set(b)) for a, b in pairs)
     assert overlap / (10 * len(features)) > 0.85  # 0.92 here with 16 of 64 directions
     assert not bool((searched.index == torch.arange(len(features))[:, None]).any())  # never itself
+
+
+def test_principal_directions_match_the_svd_of_the_centred_rows() -> None:
+    """The covariance route (no centred copy of a large feature matrix) finds the SVD's top directions."""
+    import torch
+
+    from finetune.neighbours import principal_directions
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.linspace(5.0, 0.1, 32)  # distinct variances: a well-defined order of directions
+    rows = torch.randn(2000, 32, generator=generator) * scales @ torch.linalg.qr(torch.randn(32, 32))[0] + 3.0
+    mean, basis = principal_directions(rows, 4)
+    centred = rows - rows.mean(dim=0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:4].T
+    assert torch.allclose(mean, rows.mean(dim=0), atol=1e-5)
+    assert basis.shape == (32, 4) and basis.dtype == rows.dtype
+    assert torch.allclose((basis.T @ top).abs(), torch.eye(4), atol=1e-3)  # same directions, same order
