@@ -19,8 +19,8 @@ SEARCH_DIMS = 128  # principal components of that search (5x cheaper than 1,280 
 SEARCH_CANDIDATES = 4  # x NEIGHBOURS candidates a row keeps from the search for the exact re-score
 # rows re-scored at once: 16 x 40 candidates x 1,280 features is 3.3 MB a gather. At 128 rows (26 MB) glibc
 # served the gathers from per-thread heap arenas and kept 1-2 GB of freed blocks resident, changing from run
-# to run: the 70,000-image checks peaked at 3.8-4.8 GB instead of 1.8-1.9 (glibc's mmap threshold rises to
-# the size of a freed block, up to 32 MB, and blocks under it are never unmapped)
+# to run: on 70,000 synthetic features the search peaked at 1.9-5.1 GB, now 1.8-2.0 (glibc's mmap threshold
+# rises to the size of a freed block, up to 32 MB, and blocks under it stay in the arenas)
 RESCORE_BLOCK = 16
 
 
