@@ -277,8 +277,7 @@ def _progress(title: str, quiet: bool) -> Callable[[int, int], None] | None:
     def update(done: int, total: int) -> None:
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc=title, file=sys.stderr, leave=False)
-        bar["bar"].n = done
-        bar["bar"].refresh()
+        bar["bar"].update(done - bar["bar"].n)  # redraws at most every mininterval, not per call
         if done >= total:
             bar.pop("bar").close()
 

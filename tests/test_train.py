@@ -359,3 +359,29 @@ def test_the_time_budget_and_wall_time_count_decoding(tmp_path: Path) -> None:
     assert [row["phase"] for row in result.history] == ["probe"]
     assert result.history[0]["elapsed_s"] >= 3.0
     assert 3.0 <= result.metrics["wall_s"] <= total
+
+
+def test_progress_bars_redraw_a_few_times_not_once_per_image(capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune.__main__ import ProgressBars
+    from finetune.engine import TrainEvent
+
+    bars = ProgressBars(enabled=True)
+    images = 20_000
+    for done in range(1, images + 1):
+        bars(TrainEvent("cache", phase="train", step=done, steps=images))
+    for step in range(1, 51):
+        bars(
+            TrainEvent(
+                "step",
+                phase="finetune",
+                epoch=1,
+                epochs=1,
+                step=step,
+                steps=50,
+                metrics={"loss": 0.5, "acc": 0.9},
+            )
+        )
+    bars.close()
+    log = capsys.readouterr().err
+    assert log.count("\r") < 200  # a forced redraw per event wrote 20,000 frames
+    assert "50/50" in log and "acc=0.900" in log  # the epoch bar that stays ends at its total
