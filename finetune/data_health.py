@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.neighbours import Neighbours, nearest_neighbours
+from finetune.neighbours import Neighbours, nearest_neighbours, unit_rows
 from finetune.out_of_fold import FOLDS, knn_probabilities, out_of_fold_probabilities
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def outliers(
     A mislabelled image sits near another class's centroid (a label issue, not an outlier); a screenshot or
     a blank frame among photos is far from all of them.
     """
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    unit = unit_rows(features)
     index = {name: i for i, name in enumerate(classes)}
     targets = torch.tensor([index[ref.label] for ref in files])
     present = targets.unique()

@@ -81,6 +81,7 @@ def inspect_training_data(
         except ImageError:
             sizes.append(None)
     stacked = torch.cat([features[name].float() for name in ordered if name in features])
+    torch.nn.functional.normalize(stacked, dim=1, out=stacked)  # once, in place: the checks read unit rows
     signatures = torch.cat([_signatures(caches[name]) for name in ordered if name in features])
     health = check_data(
         HealthInput(

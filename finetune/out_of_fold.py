@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from finetune.neighbours import Neighbours, principal_directions
+from finetune.neighbours import Neighbours, principal_directions, unit_rows
 from finetune.probe import fit_softmax_regression
 
 FOLDS = 5  # k of the out-of-fold probe
@@ -43,8 +43,7 @@ def _out_of_fold(
     folds = int(fold_of.max()) + 1
     # unit vectors (the geometry the neighbours see), scaled so a modest weight reaches confident logits;
     # principal components keep the big directions without amplifying the small, noisy ones
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-    standard = _principal_components(unit.mul_(30), OOF_DIMS)  # in place: one copy of a large set, not two
+    standard = _principal_components(unit_rows(features), OOF_DIMS) * 30  # the small projection is scaled
     probabilities = np.full((len(targets), num_classes), 1.0 / num_classes)
     labels = torch.as_tensor(targets, dtype=torch.long)
     for fold in range(folds):

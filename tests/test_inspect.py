@@ -366,3 +366,35 @@ def test_principal_directions_match_the_svd_of_the_centred_rows() -> None:
     assert torch.allclose(mean, rows.mean(dim=0), atol=1e-5)
     assert basis.shape == (32, 4) and basis.dtype == rows.dtype
     assert torch.allclose((basis.T @ top).abs(), torch.eye(4), atol=1e-3)  # same directions, same order
+
+
+def test_the_checks_read_unit_rows_without_copying_or_changing_them() -> None:
+    """The caller normalizes the features once (60,000 x 1,280 is 307 MB a copy): the checks must find the
+    same on unit rows as on raw ones, take unit rows as they are, and leave them unchanged."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from finetune.data_health import label_issues, outliers
+    from finetune.neighbours import nearest_neighbours, unit_rows
+
+    digits = load_digits()
+    raw = torch.tensor(digits.data[:600], dtype=torch.float32) + 1.0
+    targets = digits.target[:600].copy()
+    targets[:6] = (targets[:6] + 1) % 10  # six planted label errors
+    files = [FileRef(f"train/{i}.png", str(t), "train") for i, t in enumerate(targets)]
+    classes = [str(c) for c in range(10)]
+    unit = torch.nn.functional.normalize(raw, dim=1)
+    kept = unit.clone()
+
+    assert unit_rows(unit) is unit  # no copy of rows already of length 1
+    assert unit_rows(raw) is not raw and torch.allclose(unit_rows(raw), unit)
+    from_raw, from_unit = nearest_neighbours(raw), nearest_neighbours(unit)
+    assert torch.equal(from_raw.index, from_unit.index)
+    issues = [label_issues(files, classes, rows, nearest_neighbours(rows)) for rows in (raw, unit)]
+    assert [f.files[0].path for f in issues[0]] == [f.files[0].path for f in issues[1]]
+    assert len({f.files[0].path for f in issues[1]} & {f"train/{i}.png" for i in range(6)}) >= 4
+    assert [f.files for f in outliers(files, classes, raw)] == [
+        f.files for f in outliers(files, classes, unit)
+    ]
+    assert torch.equal(unit, kept) and np.isfinite(unit.numpy()).all()  # the caller's rows are unchanged
