@@ -62,14 +62,20 @@ class RecipePlan:
 
 
 def plan_recipe(
-    train: Sequence[Sample], native_size: int, img_size: int = 0, frozen_groups: int = FREEZE_HALF
+    train: Sequence[Sample],
+    native_size: int,
+    img_size: int = 0,
+    frozen_groups: int = FREEZE_HALF,
+    linear_probe: bool = False,
 ) -> RecipePlan:
     """Resolution and frozen groups for `train`; explicit `img_size` / `frozen_groups` (>= 0) are kept.
 
     Few images: native resolution, whole backbone trained (cheap, and the strongest features). Otherwise
     small images train at about twice their size and photos at native size (`suggest_image_size`), with
     the first half of the backbone frozen for speed. Few-shot data (under FEW_SHOT_PER_CLASS images per
-    class) sets `probe_only`; the trainer honours it only when `auto` chooses the epochs.
+    class) sets `probe_only`; the trainer honours it only when `auto` chooses the epochs. A `linear_probe`
+    run (--strategy linear) trains the head alone, and its reason says so rather than how fine-tuning would
+    have frozen the backbone.
     """
     few = len(train) <= FEW_IMAGES
     if img_size:
@@ -79,7 +85,9 @@ def plan_recipe(
     else:
         size = suggest_image_size(train, native_size)
         why = "native size for photos" if size == native_size else "about twice the size of small images"
-    if frozen_groups >= 0:
+    if linear_probe:
+        frozen, how = frozen_groups, "backbone frozen, head trained alone (--strategy linear)"
+    elif frozen_groups >= 0:
         frozen, how = frozen_groups, "frozen groups given"
     elif few:
         frozen, how = 0, "whole backbone trained (cheap with few images)"

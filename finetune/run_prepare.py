@@ -64,7 +64,9 @@ def prepare_run(
     created = create_model_and_transforms(config.model, len(split.classes), config.weights)
     model = created.model
     native = int(created.data_config["input_size"][-1])
-    plan = plan_recipe(split.train, native, config.img_size, config.frozen_groups)
+    plan = plan_recipe(
+        split.train, native, config.img_size, config.frozen_groups, linear_probe=config.strategy == "linear"
+    )
     if isinstance(split, labels_csv.MultiLabelSplit):  # several things an image: see multilabel_train
         plan = multilabel_train.plan_resolution(plan, native, config.img_size)
     image_size = plan.image_size

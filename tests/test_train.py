@@ -118,6 +118,8 @@ def test_linear_strategy_trains_only_the_head(tmp_path: Path) -> None:
     result = fine_tune(tiny_config(data, tmp_path / "run", strategy="linear"))
     assert result.strategy_used == "linear"
     assert [row["phase"] for row in result.history] == ["probe"]
+    reason = json.loads((tmp_path / "run" / "config.json").read_text())["studio"]["plan"]["reason"]
+    assert "head trained alone" in reason and "whole backbone" not in reason  # what ran, not what would have
 
 
 @pytest.mark.parametrize(
