@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.checkpoint import LoadedRun, atomic_write, load_default_run, load_run, unwrap_model
+from finetune.cpu_features import NO_INT8_DOT_PRODUCT, has_int8_dot_product
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
 from finetune.export_cache import (
     CACHE_ENV,
@@ -103,6 +104,10 @@ def load_onnx_classifier(run: LoadedRun, batch_size: int = 32, int8: bool = Fals
         classifier = _open_if_matching(run, path, fingerprint, batch_size, "int8" if int8 else "fp32")
         if classifier is not None:
             logger.info("Serving with ONNX Runtime from %s", path)
+            if int8 and has_int8_dot_product() is False:
+                logger.warning(
+                    "Serving %s although %s; --runtime onnx serves the exact FP32", path, NO_INT8_DOT_PRODUCT
+                )
             mark_used(path)
             return classifier
     if int8:

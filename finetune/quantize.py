@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from finetune.checkpoint import LoadedRun
+from finetune.cpu_features import NO_INT8_DOT_PRODUCT, has_int8_dot_product
 from finetune.data import Sample
 from finetune.errors import CheckpointError, ImageError, RuntimeUnavailableError, StudioError
 from finetune.file_predict import open_files
@@ -164,10 +165,15 @@ def quantize_export(
         answer="labels" if multi_label else "top-1",
     )
     if report.agreement < MIN_TOP1_AGREEMENT or _accuracy_drop(report) > MAX_ACCURACY_DROP:
+        cause = (
+            f" ({NO_INT8_DOT_PRODUCT}: INT8 is for CPUs that have them)"
+            if has_int8_dot_product() is False
+            else ""
+        )
         raise CheckpointError(
             f"INT8 quantization changes this model's answers too much ({report.summary()}; needs at least "
             f"{MIN_TOP1_AGREEMENT:.0%} agreement and at most {MAX_ACCURACY_DROP:.0%} accuracy lost), so "
-            "it was not written; serve the exact FP32 export with --runtime onnx."
+            f"it was not written; serve the exact FP32 export with --runtime onnx{cause}."
         )
     _write_metadata(path, {**metadata, META_PRECISION: "int8", META_INT8_CHECK: json.dumps(asdict(report))})
     return report

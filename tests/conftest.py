@@ -17,7 +17,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from finetune.cpu_features import has_int8_dot_product  # noqa: E402
+
 TINY_MODEL = "test_efficientnet"  # timm's tiny random-init CNN; test_vit covers the ViT paths
+
+# INT8 answers stay close to FP32 only on CPUs with 8-bit dot-product instructions (finetune/cpu_features.py);
+# elsewhere the export's check refuses them, which tests/test_quantize.py checks on any CPU.
+needs_int8_dot_product = pytest.mark.skipif(
+    has_int8_dot_product() is False,
+    reason="this CPU has no 8-bit dot-product instructions: INT8 exports are refused here, by design",
+)
 
 
 def photo(name: str) -> Image.Image:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, needs_int8_dot_product
 from multilabel_data import NAMES, write_digit_mosaics
 from PIL import Image
 
@@ -256,6 +256,7 @@ def test_onnx_serves_the_same_independent_probabilities(trained):
     assert json.loads(onnx.metadata["studio.multilabel_thresholds"]) == thresholds
 
 
+@needs_int8_dot_product
 def test_int8_export_is_checked_on_the_csv_split_by_the_labels_it_answers(trained, capsys):
     pytest.importorskip("onnxruntime")
     from finetune.checkpoint import load_run

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import photo, write_digits_folder
+from conftest import needs_int8_dot_product, photo, write_digits_folder
 from PIL import Image
 
 from finetune.checkpoint import load_default_run, load_run
@@ -215,42 +215,61 @@ def test_onnx_classifier_answers_concurrent_requests_like_sequential_ones(export
 
 
 @pytest.fixture(scope="module")
-def default_classifiers(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Classifier, Classifier, Classifier]:
-    """The embedded ImageNet model in PyTorch and, exported by the CLI into a cache, in ONNX Runtime (FP32
-    and the opt-in INT8)."""
+def default_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export cache holding the embedded ImageNet model's FP32 export, made by the CLI."""
+    cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STUDIO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        assert main(["default", "--onnx", "--int8", "--quiet"]) == 0
+        patch.setenv("STUDIO_CACHE_DIR", str(cache))
+        assert main(["default", "--onnx", "--quiet"]) == 0
+    return cache
+
+
+@pytest.fixture(scope="module")
+def default_classifiers(default_cache: Path) -> tuple[Classifier, Classifier]:
+    """The embedded ImageNet model in PyTorch and in ONNX Runtime (FP32, from the CLI's export)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STUDIO_CACHE_DIR", str(default_cache))
         run = load_default_run()
-        onnx = create_classifier(run, "onnx")  # must find the CLI's exports, not make others
-        int8 = create_classifier(run, "onnx-int8")
-    return Classifier(run), onnx, int8
+        onnx = create_classifier(run, "onnx")  # must find the CLI's export, not make another
+    assert onnx.onnx_path.is_relative_to(default_cache)
+    return Classifier(run), onnx
 
 
 @pytest.mark.slow
 def test_default_model_gives_the_same_top1_on_both_runtimes(
-    default_classifiers: tuple[Classifier, Classifier, Classifier], tmp_path: Path
+    default_classifiers: tuple[Classifier, Classifier], tmp_path: Path
 ) -> None:
-    torch_classifier, onnx, int8 = default_classifiers
+    torch_classifier, onnx = default_classifiers
     photos = [photo(name) for name in PHOTOS]
     assert torch_classifier.predict(photos, k=1)[1].label == "espresso"  # the real weights are in use
     for images in (photos, digit_images(tmp_path)):
         expected, actual = torch_classifier.predict_probs(images), onnx.predict_probs(images)
         assert np.abs(actual - expected).max() < 1e-4
         assert (actual.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+@pytest.mark.slow
+@needs_int8_dot_product
+def test_default_model_in_int8_keeps_the_answer_on_real_photos(
+    default_classifiers: tuple[Classifier, Classifier], default_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch_classifier, _ = default_classifiers
+    monkeypatch.setenv("STUDIO_CACHE_DIR", str(default_cache))
+    assert main(["default", "--int8", "--quiet"]) == 0  # quantizes the FP32 export in the cache
+    int8 = create_classifier(load_default_run(), "onnx-int8")  # must find the CLI's INT8 file
+    assert int8.runtime == "onnx-int8" and int8.onnx_path.is_relative_to(default_cache)
     # INT8 is not exact, but keeps the answer on each real photo (ImageNet digits are not its job)
+    photos = [photo(name) for name in PHOTOS]
     expected, quantized = torch_classifier.predict_probs(photos), int8.predict_probs(photos)
-    assert int8.runtime == "onnx-int8" and (quantized.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert (quantized.argmax(axis=1) == expected.argmax(axis=1)).all()
     assert 0 < np.abs(quantized - expected).max() < 0.2
 
 
 @pytest.mark.slow
 def test_draft_decoding_keeps_the_real_models_predictions(
-    default_classifiers: tuple[Classifier, Classifier, Classifier], tmp_path: Path
+    default_classifiers: tuple[Classifier, Classifier], tmp_path: Path
 ) -> None:
-    _, onnx, _ = default_classifiers
+    _, onnx = default_classifiers
     for name in PHOTOS:
         path = tmp_path / f"{name}.jpg"
         photo(name).resize((4000, 3000), Image.LANCZOS).save(path, quality=90)

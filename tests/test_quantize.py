@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import write_digits_folder
+from conftest import needs_int8_dot_product, write_digits_folder
 from run_factory import shared_trained_run
 
 from finetune import quantize
@@ -33,6 +33,7 @@ def run_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(shutil.copytree(shared_trained_run(tmp_path_factory), tmp_path / "run", ignore=NO_EXPORTS))
 
 
+@needs_int8_dot_product
 def test_int8_export_is_calibrated_and_checked_on_the_runs_own_images(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +87,7 @@ def test_the_check_uses_the_recorded_split_and_only_its_unchanged_files(
     assert (len(images.calibration), len(images.check)) == (24, 12 - 3)
 
 
+@needs_int8_dot_product
 def test_without_its_recorded_split_a_run_is_calibrated_on_views_of_the_photos(run_dir: Path) -> None:
     """A run saved before splits were recorded: its folder is not re-split (that could leak); photos are."""
     (run_dir / SPLIT_FILE).unlink()
@@ -101,15 +103,29 @@ def test_a_quantization_that_fails_its_check_writes_nothing(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(quantize, "MIN_TOP1_AGREEMENT", 1.01)  # no model can pass: the refusal path
+    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: True)
     assert main([str(run_dir), "--int8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "changes this model's answers too much" in err and "--runtime onnx" in err
+    assert "dot-product" not in err  # the CPU is not blamed where it has the instructions
     assert (run_dir / ONNX_FILE).is_file() and not (run_dir / INT8_FILE).exists()
     assert [path.name for path in run_dir.iterdir() if ".tmp" in path.name] == []
     with pytest.raises(CheckpointError, match="too much"):
         create_classifier(load_run(run_dir), "onnx-int8")  # asked for explicitly: no silent FP32
 
 
+def test_a_refusal_on_a_cpu_without_int8_dot_products_says_so(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(quantize, "MIN_TOP1_AGREEMENT", 1.01)
+    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: False)
+    assert main([str(run_dir), "--int8", "--quiet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "too much" in err and "no 8-bit dot-product instructions" in err and "saturate" in err
+    assert not (run_dir / INT8_FILE).exists()
+
+
+@needs_int8_dot_product
 def test_an_fp32_file_under_the_int8_name_is_quantized_again(run_dir: Path) -> None:
     run = load_run(run_dir)
     fp32 = create_classifier(run, "onnx")
@@ -126,6 +142,7 @@ def test_int8_runtime_without_onnxruntime_is_a_clear_error(
         create_classifier(load_run(run_dir), "onnx-int8")
 
 
+@needs_int8_dot_product
 def test_the_app_serves_the_int8_export_when_asked(run_dir: Path, tmp_path: Path) -> None:
     from demo.classify_tab import model_card
     from demo.service import InferenceService
