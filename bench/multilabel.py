@@ -9,7 +9,8 @@ Fashion-MNIST's training set only, test mosaics items of its test set only: no i
 Side by side, in the same run:
 - default: `python -m finetune train/labels.csv --out RUN` (auto recipe), scored by
   `python -m finetune.evaluate test/labels.csv --checkpoint RUN --json`;
-- probe: the embedded tf_efficientnet_lite0's frozen pooled features at its native 224 px, scikit-learn
+- probe: the embedded tf_efficientnet_lite0's frozen pooled features of the run's pixels (the whole mosaic
+  at its native 224 px), scikit-learn
   `OneVsRestClassifier(LogisticRegression)`, per-label thresholds fitted (max F1) on the same validation
   images as the run's (its split.json), scored on the same test mosaics with the same metric code.
 
@@ -76,7 +77,7 @@ def build_mosaics(folder: Path, images: np.ndarray, targets: np.ndarray, count: 
 
 
 def probe_baseline(run_dir: Path, test_csv: Path) -> tuple[dict[str, float], float]:
-    """Frozen lite0 features at 224 px + one-vs-rest logistic regression; thresholds on the run's val."""
+    """Frozen lite0 features of the run's pixels + one-vs-rest logistic regression; thresholds on its val."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
@@ -88,7 +89,8 @@ def probe_baseline(run_dir: Path, test_csv: Path) -> tuple[dict[str, float], flo
 
     started = time.perf_counter()
     created = create_model_and_transforms(num_classes=len(CLASSES))
-    model, transform = created.model.eval(), create_eval_transform(created.data_config)
+    run_data_config = json.loads((run_dir / "config.json").read_text())["data_config"]  # the run's pixels
+    model, transform = created.model.eval(), create_eval_transform(run_data_config)
     record = read_csv_split(run_dir)
     labels = record.split.classes
     test_labels, entries = read_labels_csv(test_csv, known_labels=labels)

@@ -65,6 +65,16 @@ def plan_resolution(plan: RecipePlan, native_size: int, img_size: int = 0) -> Re
     return RecipePlan(native_size, plan.frozen_groups, reason)
 
 
+def whole_image(data_config: dict[str, Any]) -> dict[str, Any]:
+    """`data_config` resizing the whole image to the input size, with no center crop (crop_pct 1.0).
+
+    timm's eval transform crops the center (crop_pct 0.875 for lite0), which suits one centred object but
+    cuts what a multi-label image shows at its edges: the labels still say it is there. The run stores this
+    config, so training, evaluation, prediction, ONNX and the app all see the whole image.
+    """
+    return {**data_config, "crop_pct": 1.0}
+
+
 def wanted_steps(single_label_steps: int, steps_per_epoch: int) -> int:
     """The updates `auto` wants for multi-label data without --epochs: about TARGET_STEPS in whole epochs
     (at most MAX_EPOCHS), and never fewer than a single-label run of the same size."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,9 +72,11 @@ def prepare_run(
         plan = multilabel_train.plan_resolution(plan, native, config.img_size)
     image_size = plan.image_size
     data_config = resolve_model_data_config(model, image_size)
+    if isinstance(split, labels_csv.MultiLabelSplit):
+        data_config = multilabel_train.whole_image(data_config)
     geometric, mean, std = split_eval_transform(data_config)
     draft = draft_size_for(data_config)  # decode as inference does, so both see the same pixels
-    caches = _decode_subsets(config, split, dist, emit, stop, geometric, image_size, draft)
+    caches = _decode_subsets(config, split, dist, emit, stop, geometric, data_config, draft)
     bad = [file for cache in caches.values() for file in cache.bad_files]
     task = (
         multilabel_train.MultiLabelTask(split.classes, config.multilabel_loss)
@@ -146,11 +149,17 @@ def _decode_subsets(
     emit: EventCallback,
     stop: StopCheck,
     geometric: Callable[[Image.Image], Image.Image],
-    image_size: int,
+    data_config: dict[str, Any],
     draft: tuple[int, int] | None,
 ) -> dict[str, CachedImages]:
-    """Each subset's decoded cache: built by the node's first process, then opened by the others."""
+    """Each subset's decoded cache: built by the node's first process, then opened by the others.
+
+    The file name holds the size and the crop, so a cache of other pixels (another size, or a center crop
+    where a multi-label run sees whole images) is never mistaken for this run's.
+    """
     cache_dir = config.cache_dir or (config.out / ".cache")
+    image_size = int(data_config["input_size"][-1])
+    crop_permille = round(float(data_config.get("crop_pct") or 1.0) * 1000)
     caches = {}
     for name, samples in split.subsets().items():
         if not samples:  # only test/ may be absent
@@ -164,7 +173,7 @@ def _decode_subsets(
         def progress(done: int, total: int, name: str = name) -> None:
             emit(TrainEvent("cache", phase=name, step=done, steps=total))
 
-        path = cache_dir / f"{name}_{image_size}.npy"
+        path = cache_dir / f"{name}_{image_size}_crop{crop_permille}.npy"
         if dist.is_local_main:
             caches[name] = build_cache(
                 samples, geometric, image_size, path, config.workers or None, progress, draft,

@@ -311,6 +311,31 @@ def test_timm_local_dir_and_the_card_carry_the_multilabel_head(trained):
     assert "name: mAP" in card and "pr_curves.png" in card
 
 
+def test_a_multilabel_run_sees_the_whole_image_everywhere(trained):
+    """No center crop: a thing at the edge of a multi-label image is seen in training and at inference."""
+    import timm
+    import torch
+
+    from finetune.checkpoint import load_run
+    from finetune.inference import Classifier
+
+    _, run_dir = trained
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data_config"]["crop_pct"] == 1.0 and config["pretrained_cfg"]["crop_pct"] == 1.0
+    model = timm.create_model(f"local-dir:{run_dir}", pretrained=True)
+    assert timm.data.resolve_data_config({}, model=model)["crop_pct"] == 1.0  # the card's snippet too
+    assert sorted(p.name for p in (run_dir / ".cache").glob("*.npy")) == [
+        "train_48_crop1000.npy", "val_48_crop1000.npy",
+    ]  # fmt: skip
+    framed = np.zeros((48, 48, 3), np.uint8)
+    framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = 255, 255, 255, 255  # a white frame, 2 px wide
+    pixels = Classifier(load_run(run_dir)).preprocess([Image.fromarray(framed)])[0]
+    mean, std = (torch.tensor(config["data_config"][key]).view(3, 1) for key in ("mean", "std"))
+    white = (1.0 - mean) / std  # each channel's value of a white pixel
+    for edge in (pixels[:, 0, :], pixels[:, -1, :], pixels[:, :, 0], pixels[:, :, -1]):
+        assert torch.allclose(edge, white.expand_as(edge), atol=1e-4)  # the frame is still there
+
+
 def test_a_single_label_run_still_answers_with_softmax(untrained_run_dir, photo_dir):
     from finetune.checkpoint import load_run
     from finetune.inference import Classifier
