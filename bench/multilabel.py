@@ -83,13 +83,14 @@ def probe_baseline(run_dir: Path, test_csv: Path) -> tuple[dict[str, float], flo
     from sklearn.multiclass import OneVsRestClassifier
 
     from finetune import multilabel
+    from finetune.checkpoint import read_run_config
     from finetune.images import open_image
     from finetune.labels_csv import make_samples, multi_hot, read_csv_split, read_labels_csv
     from finetune.modeling import create_eval_transform, create_model_and_transforms
 
     started = time.perf_counter()
     created = create_model_and_transforms(num_classes=len(CLASSES))
-    run_data_config = json.loads((run_dir / "config.json").read_text())["data_config"]  # the run's pixels
+    run_data_config = read_run_config(run_dir)["data_config"]  # the run's pixels (whole mosaics)
     model, transform = created.model.eval(), create_eval_transform(run_data_config)
     record = read_csv_split(run_dir)
     labels = record.split.classes
