@@ -114,6 +114,11 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "the data (none for few or small images, the first half for photos), 0 = train everything",
     )  # fmt: skip
     recipe.add_argument(
+        "--no-trunk-cache", dest="trunk_cache", action="store_false",
+        help="run the frozen layers in every step, even when their activations could be computed once "
+        "(by default they are when training images are used as they are: no jitter, no flips)",
+    )  # fmt: skip
+    recipe.add_argument(
         "--train-bn",
         dest="freeze_bn",
         action="store_false",

@@ -46,6 +46,7 @@ class TrainConfig:
     img_size: int = 0  # square train/eval size; 0 picks from the data (finetune/recipe.py plan_recipe)
     hflip: bool = False  # random horizontal flips (off: they change the meaning of text, digits, parts)
     augment: str = "auto"  # auto | on | off: the training jitter (auto: off for large sets seen <= 6 times)
+    trunk_cache: bool = True  # frozen layers run once per image when there is no jitter (trunk_cache.py)
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while fine-tuning (stable on small data)
     frozen_groups: int = (
         -1

@@ -7,9 +7,10 @@ so the validation accuracy of a distributed run is that of the whole validation 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from finetune.data import batches
 from finetune.distributed import DistContext
 from finetune.pixel_cache import CachedImages
 from finetune.precision import Precision
+from finetune.trunk_cache import TrunkActivations
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,26 @@ def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
+@contextlib.contextmanager
+def batch_inputs(
+    model: torch.nn.Module,
+    data: CachedImages,
+    index: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    trunk: TrunkActivations | None = None,
+) -> Iterator[torch.Tensor]:
+    """What to call `model` with for the images at `index`: their normalized pixels, or, with `trunk` (the
+    frozen layers' cached activations of `data`, finetune/trunk_cache.py), a placeholder while those
+    activations are fed past the frozen layers."""
+    if trunk is None:
+        yield normalize(to_device(data.pixels[index], device), mean, std)
+        return
+    with trunk.inputs(model, index, device) as inputs:
+        yield inputs
+
+
 def rank_batches(data: CachedImages, batch_size: int, dist: DistContext, **kwargs: Any) -> list[torch.Tensor]:
     """Index batches of this rank's share of `data`; pixels are gathered one batch at a time, when used."""
     return list(batches(len(data), batch_size, rank=dist.rank, world_size=dist.world_size, **kwargs))
@@ -76,6 +98,7 @@ def extract_features(
     batch_size: int = 64,
     on_step: Callable[[int, int], None] | None = None,
     dist: DistContext | None = None,
+    trunk: TrunkActivations | None = None,
 ) -> torch.Tensor:
     """Pooled backbone features (pre-logits) of every cached image, for the linear probe.
 
@@ -88,9 +111,11 @@ def extract_features(
     share = dist.share(len(data))
     steps = -(-len(share) // batch_size)
     for step, index in enumerate(torch.split(share, batch_size), start=1):
-        pixels = to_device(data.pixels[index], precision.device)
-        with precision.autocast():
-            pooled = model.forward_head(model.forward_features(normalize(pixels, mean, std)), pre_logits=True)
+        with (
+            batch_inputs(model, data, index, mean, std, precision.device, trunk) as inputs,
+            precision.autocast(),
+        ):
+            pooled = model.forward_head(model.forward_features(inputs), pre_logits=True)
         features.append(pooled.float().cpu())
         if on_step is not None:
             on_step(step, steps)
@@ -122,6 +147,9 @@ class EpochSettings:
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
     hflip: bool = False
     jitter: bool = True  # finetune/augment.py's affine + photometric jitter (recipe.plan_jitter)
+    trunk: TrunkActivations | None = (
+        None  # the training images' frozen-layer activations (no jitter, no flips)
+    )
     freeze_bn: bool = True
     sample_weights: torch.Tensor | None = None  # class-balanced sampling when set
 
@@ -177,11 +205,8 @@ def train_one_epoch(
         if should_stop is not None and dist.any_true(should_stop()):
             stopped = True
             break
-        pixels, targets = data.pixels[index], data.targets[index]  # one batch read from the cache
-        inputs = augment(pixels, s.mean, s.std, generator, hflip=s.hflip, jitter=s.jitter)
-        inputs = inputs.to(precision.device).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(precision.device)
-        with precision.autocast():
+        targets = data.targets[index].to(precision.device)
+        with _training_inputs(model, data, index, s, generator) as inputs, precision.autocast():
             logits = model(inputs)
             loss = opt.loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -221,6 +246,23 @@ def train_one_epoch(
     return metrics, num_updates, stopped
 
 
+@contextlib.contextmanager
+def _training_inputs(
+    model: torch.nn.Module,
+    data: CachedImages,
+    index: torch.Tensor,
+    s: EpochSettings,
+    generator: torch.Generator,
+) -> Iterator[torch.Tensor]:
+    """One training batch as the model takes it: augmented pixels, or the placeholder (cached activations)."""
+    if s.trunk is not None:
+        with s.trunk.inputs(model, index, s.precision.device) as inputs:
+            yield inputs
+        return
+    inputs = augment(data.pixels[index], s.mean, s.std, generator, hflip=s.hflip, jitter=s.jitter)
+    yield inputs.to(s.precision.device).contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -231,6 +273,7 @@ def evaluate(
     dist: DistContext,
     batch_size: int = 64,
     keep_predictions: bool = False,
+    trunk: TrunkActivations | None = None,
 ) -> EvalResult:
     """Loss, top-1 and top-5 over the whole of `data`, summed across ranks (each evaluates its shard once)."""
     model.eval()
@@ -239,9 +282,11 @@ def evaluate(
     mine = torch.arange(dist.rank * per_rank, min(count, (dist.rank + 1) * per_rank))
     logits_parts = []
     for index in torch.split(mine, batch_size):
-        pixels = to_device(data.pixels[index], precision.device)
-        with precision.autocast():
-            logits_parts.append(model(normalize(pixels, mean, std)).float().cpu())
+        with (
+            batch_inputs(model, data, index, mean, std, precision.device, trunk) as inputs,
+            precision.autocast(),
+        ):
+            logits_parts.append(model(inputs).float().cpu())
     num_classes = _num_classes(model)
     logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes)
     local = _metrics_from_logits(logits, data.targets[mine], keep_predictions=keep_predictions)

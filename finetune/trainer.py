@@ -54,6 +54,14 @@ from finetune.training_run import (
     save_state,
     uses_probe,
 )
+from finetune.trunk_cache import (
+    TRUNK_CACHE_DIR,
+    TRUNK_FILES,
+    ActivationSettings,
+    TrunkCache,
+    compute_activations,
+    find_trunk,
+)
 from finetune.trust_fit import MAX_TRAIN_IMAGES
 
 logger = logging.getLogger(__name__)
@@ -109,6 +117,8 @@ def fine_tune(
     if run.studio["plan"]["probe_only"]:
         run.emit(TrainEvent("status", message=f"Few-shot data: {run.plan.reason.rsplit('; ', 1)[-1]}; "
                                               "its head is refitted on train + val at the end"))  # fmt: skip
+    if config.strategy != "linear" and not keeps_probe(run):
+        _cache_trunk(run)
     interrupted = False
     if phase_done is None and uses_probe(run):
         interrupted = _linear_probe(run)
@@ -116,6 +126,7 @@ def fine_tune(
         save_state(run, phase="probe", epoch=0, epochs=0)
     if not interrupted and config.strategy != "linear" and not keeps_probe(run):
         interrupted = _fine_tune_epochs(run, state if phase_done == "finetune" else None)
+    _drop_trunk(run)
     return finish(run, interrupted)
 
 
@@ -152,14 +163,20 @@ def _linear_probe(run: TrainingRun) -> bool:
     chosen = _probe_training_images(run)
     train = run.train if chosen is None else run.train.subset(chosen)
     extracting = time.perf_counter()
+    trunk = run.trunk
     train_features = extract_features(
-        run.model, train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist
-    )
+        run.model, train, run.mean, run.std, run.precision, on_step=progress, dist=run.dist,
+        trunk=None if trunk is None else trunk.train if chosen is None else trunk.train.subset(chosen),
+    )  # fmt: skip
     share = -(-len(train) // run.dist.world_size)  # images each process extracted
+    # a whole forward pass an image, the frozen layers' share included when their activations were cached
     forward_s_per_image = (time.perf_counter() - extracting) / max(share, 1)
+    if trunk is not None:
+        forward_s_per_image += trunk.seconds_per_image
     val_features = extract_features(
-        run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist
-    )
+        run.model, run.val, run.mean, run.std, run.precision, on_step=check_stop, dist=run.dist,
+        trunk=None if trunk is None else trunk.val,
+    )  # fmt: skip
     if run.dist.is_main and run.multilabel is None:  # the data checks (finetune/inspect.py) reuse these
         # features: seconds, not a pass (their label checks assume one class per image)
         caches = {"train": train, "val": run.val, **({"test": run.test} if run.test is not None else {})}
@@ -247,14 +264,8 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     lr = config.lr * config.batch_size / 32  # linear scaling rule for the global batch
     optimizer = create_optimizer(model, config, lr, run.dist.device)
     rank_batch = config.batch_size // run.dist.world_size
-    # the updates train_one_epoch really makes (about len(train) / batch_size whatever the world size)
-    steps_per_epoch = sum(
-        1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
-    )
-    wanted = _wanted_steps(config, steps_per_epoch)
-    if run.multilabel is not None and not config.epochs:
-        wanted = multilabel_train.wanted_steps(wanted, steps_per_epoch)
-    jitter, jitter_reason = plan_jitter(config.augment, len(run.train), -(-wanted // steps_per_epoch))
+    steps_per_epoch, wanted = _update_plan(run)
+    jitter, jitter_reason = _jitter_plan(run, cached_trunk=run.trunk is not None)
     run.studio["plan"]["augment"] = {"jitter": jitter, "hflip": config.hflip, "reason": jitter_reason}
     if state and _budgeted(config):  # the budget's plan (a state saved before budgets counts epochs)
         total = state.get("max_updates") or state["epochs"] * steps_per_epoch
@@ -284,6 +295,7 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
         precision=run.train_precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
         seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, jitter=jitter,
         freeze_bn=config.freeze_bn, sample_weights=run.sample_weights,
+        trunk=None if run.trunk is None else run.trunk.train,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:
@@ -319,12 +331,15 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
         # keep) rank 0's, the ones it saves.
         run.dist.broadcast_(list(eval_model.buffers()))
         evaluating = time.perf_counter()
+        val_trunk = None if run.trunk is None else run.trunk.val
         if run.multilabel is not None:
             result = multilabel_train.evaluate(
-                eval_model, run.val, run.mean, run.std, run.precision, run.dist
+                eval_model, run.val, run.mean, run.std, run.precision, run.dist, trunk=val_trunk
             )
         else:
-            result = evaluate(eval_model, run.val, run.mean, run.std, run.precision, run.dist)
+            result = evaluate(
+                eval_model, run.val, run.mean, run.std, run.precision, run.dist, trunk=val_trunk
+            )
         row = history_row(run, "finetune", epoch, result, train_metrics)
         row["time_s"] = time.perf_counter() - started
         row["updates"] = num_updates
@@ -350,6 +365,77 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     return False
 
 
+def _update_plan(run: TrainingRun) -> tuple[int, int]:
+    """(updates an epoch, updates the run wants before the time budget has its say)."""
+    config = run.config
+    rank_batch = config.batch_size // run.dist.world_size
+    # the updates train_one_epoch really makes (about len(train) / batch_size whatever the world size)
+    steps_per_epoch = sum(
+        1 for _ in batches(len(run.train), rank_batch, False, world_size=run.dist.world_size, drop_last=True)
+    )
+    wanted = _wanted_steps(config, steps_per_epoch)
+    if run.multilabel is not None and not config.epochs:
+        wanted = multilabel_train.wanted_steps(wanted, steps_per_epoch)
+    return steps_per_epoch, wanted
+
+
+def _jitter_plan(run: TrainingRun, cached_trunk: bool) -> tuple[bool, str]:
+    """Whether fine-tuning jitters its training images, and why (finetune/recipe.py `plan_jitter`);
+    `cached_trunk`: whether the frozen layers' activations are (or would be) cached."""
+    steps_per_epoch, wanted = _update_plan(run)
+    epochs = -(-wanted // steps_per_epoch)
+    return plan_jitter(
+        run.config.augment, len(run.train), epochs, run.multilabel is not None and cached_trunk
+    )
+
+
+def _cache_trunk(run: TrainingRun) -> None:
+    """Run the frozen first layers once over the training and validation images when fine-tuning will see
+    the images as they are (finetune/trunk_cache.py).
+
+    Before the probe, whose features then reuse them; again on a resume (the activations are not kept).
+    """
+    config = run.config
+    frozen_groups = run.plan.frozen_groups if run.plan else config.frozen_groups
+    if (
+        not config.trunk_cache
+        or frozen_groups == 0
+        or config.hflip
+        or _jitter_plan(run, cached_trunk=True)[0]
+    ):
+        return
+    _freeze_early_layers(run.model, frozen_groups)
+    sample = run.val if len(run.val) else run.train
+    trunk = find_trunk(run.model, sample.pixels[torch.arange(min(4, len(sample)))], run.mean, run.std)
+    if trunk is None:  # a multi-label run then keeps its jitter (`_jitter_plan` without a cached trunk)
+        return
+    run.emit(TrainEvent("status", phase="probe", message="Frozen layers: computing their activations once"))
+    started = time.perf_counter()
+    settings = ActivationSettings(run.mean, run.std, run.train_precision, run.dist)
+
+    def progress(step: int, steps: int) -> None:
+        run.emit(TrainEvent("step", phase="probe", step=step, steps=steps))
+        if run.dist.world_size == 1 and run.should_stop():
+            raise StoppedError("stopped while computing the frozen layers' activations; nothing was saved.")
+
+    folder = config.out / TRUNK_CACHE_DIR
+    train = compute_activations(run.model, trunk, run.train, folder / TRUNK_FILES[0], settings, progress)
+    val = compute_activations(run.model, trunk, run.val, folder / TRUNK_FILES[1], settings, progress)
+    if train is None or val is None:
+        return
+    share = -(-(len(run.train) + len(run.val)) // run.dist.world_size)
+    run.trunk = TrunkCache(train, val, (time.perf_counter() - started) / share)
+    run.studio["plan"]["trunk_cache"] = {"boundary": trunk.boundary, "shape": list(train.array.shape[1:])}
+
+
+def _drop_trunk(run: TrainingRun) -> None:
+    """Fine-tuning is over: its cached activations go (a resume computes them again)."""
+    run.trunk = None
+    if run.dist.is_local_main:
+        for name in TRUNK_FILES:
+            (run.config.out / TRUNK_CACHE_DIR / name).unlink(missing_ok=True)
+
+
 def _budgeted(config: TrainConfig) -> bool:
     """Only `auto` without an explicit --epochs fits its fine-tuning into --time-budget-s."""
     return config.strategy == "auto" and not config.epochs
@@ -369,9 +455,17 @@ def _step_costs(run: TrainingRun, step_s: float) -> StepCosts:
     per_image = run.studio.get("forward_s_per_image") or 0.0
     return StepCosts(
         step_s=step_s,
-        eval_s=per_image * len(run.val) / run.dist.world_size,
-        final_s=per_image * FP32_COST * _closing_images(run),
+        eval_s=_past_trunk_s_per_image(run) * len(run.val) / run.dist.world_size,
+        final_s=per_image * FP32_COST * _closing_images(run),  # whole forward passes, from the pixels
     )
+
+
+def _past_trunk_s_per_image(run: TrainingRun) -> float:
+    """A forward pass's seconds an image, less the frozen layers' share when their activations are cached."""
+    per_image = run.studio.get("forward_s_per_image") or 0.0
+    if run.trunk is None:
+        return per_image
+    return max(per_image - run.trunk.seconds_per_image, 0.1 * per_image)
 
 
 def _closing_images(run: TrainingRun) -> int:
@@ -393,7 +487,7 @@ def _plan_steps(run: TrainingRun, steps_per_epoch: int, wanted: int) -> int:
 
     Timings differ between processes, so rank 0 decides for all of them.
     """
-    per_image = run.studio.get("forward_s_per_image")
+    per_image = _past_trunk_s_per_image(run)
     total = wanted
     if _budgeted(run.config) and per_image:
         step_s = per_image * BACKWARD_COST * run.config.batch_size / run.dist.world_size

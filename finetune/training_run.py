@@ -22,6 +22,7 @@ from finetune.errors import ConfigError
 from finetune.pixel_cache import CachedImages
 from finetune.precision import Precision
 from finetune.recipe import RecipePlan
+from finetune.trunk_cache import TrunkCache
 
 
 @dataclass
@@ -59,6 +60,9 @@ class TrainingRun:
     class_weights: torch.Tensor | None = None
     multilabel: multilabel_train.MultiLabelTask | None = None  # a labels CSV: sigmoid outputs
     sample_weights: torch.Tensor | None = None
+    trunk: TrunkCache | None = (
+        None  # the frozen layers' activations, when fine-tuning sees images as they are
+    )
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)  # metrics row of the best checkpoint so far
     started: float = field(default_factory=time.perf_counter)

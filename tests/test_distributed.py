@@ -84,6 +84,25 @@ def test_two_process_run_writes_one_run_folder_that_evaluate_reproduces(tmp_path
     assert metrics["top5"] == pytest.approx(studio["metrics"]["val_top5"], abs=1e-6)
 
 
+def test_two_processes_cache_the_frozen_layers_once_and_train_as_through_them(tmp_path: Path) -> None:
+    data = split_digits(tmp_path / "data")
+    flags = ["--epochs", "2", "--augment", "off", "--frozen-groups", "2", "--quiet", *TINY]
+    cached = run(torchrun(2, str(data), "--out", str(tmp_path / "cached"), *flags))
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    plain = run(torchrun(2, str(data), "--out", str(tmp_path / "plain"), *flags, "--no-trunk-cache"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    plan = json.loads((tmp_path / "cached" / "config.json").read_text())["studio"]["plan"]
+    assert plan["trunk_cache"]["boundary"].startswith("blocks.")  # each process computed half, both got all
+    assert not list((tmp_path / "cached" / ".cache").glob("trunk_*"))
+    rows = [
+        json.loads((tmp_path / name / "metrics.json").read_text())["epochs"] for name in ("cached", "plain")
+    ]
+    assert [row["phase"] for row in rows[0]] == ["probe", "finetune", "finetune"]
+    for a, b in zip(*rows, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+        assert a["val_top1"] == b["val_top1"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
 def test_killed_worker_ends_the_job_and_a_one_process_resume_finishes_it(tmp_path: Path) -> None:
     data = split_digits(tmp_path / "data", per_class=24, val_per_class=6)

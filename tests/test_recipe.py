@@ -85,3 +85,9 @@ def test_large_sets_seen_a_few_times_train_as_they_are_and_small_or_long_runs_ke
     assert plan_jitter("auto", 1_200, 12)[0] is True  # digits
     assert plan_jitter("on", 48_000, 2) == (True, "--augment on")
     assert plan_jitter("off", 500, 30) == (False, "--augment off")
+
+
+def test_multi_label_runs_whose_frozen_layers_are_cached_train_as_they_are() -> None:
+    assert plan_jitter("auto", 2_400, 8, multilabel_cached_trunk=True)[0] is False
+    assert plan_jitter("auto", 2_400, 8, multilabel_cached_trunk=False)[0] is True  # no speed to buy
+    assert plan_jitter("on", 2_400, 8, multilabel_cached_trunk=True) == (True, "--augment on")
