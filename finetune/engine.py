@@ -147,9 +147,8 @@ class EpochSettings:
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
     hflip: bool = False
     jitter: bool = True  # finetune/augment.py's affine + photometric jitter (recipe.plan_jitter)
-    trunk: TrunkActivations | None = (
-        None  # the training images' frozen-layer activations (no jitter, no flips)
-    )
+    trunk: TrunkActivations | None = None  # the training images' frozen-layer activations (no pixel jitter)
+    trunk_shift: bool = False  # shift those activations at random (trunk_cache.shift_maps; recipe.py)
     freeze_bn: bool = True
     sample_weights: torch.Tensor | None = None  # class-balanced sampling when set
 
@@ -256,7 +255,8 @@ def _training_inputs(
 ) -> Iterator[torch.Tensor]:
     """One training batch as the model takes it: augmented pixels, or the placeholder (cached activations)."""
     if s.trunk is not None:
-        with s.trunk.inputs(model, index, s.precision.device) as inputs:
+        shifts = generator if s.trunk_shift else None
+        with s.trunk.inputs(model, index, s.precision.device, shifts) as inputs:
             yield inputs
         return
     inputs = augment(data.pixels[index], s.mean, s.std, generator, hflip=s.hflip, jitter=s.jitter)

@@ -127,14 +127,20 @@ def plan_jitter(
 
     Jitter has a second price when the first layers are frozen: without it they run once per image instead
     of once per step (finetune/trunk_cache.py), which doubles a CPU's epochs at 224 px. A multi-label run
-    whose frozen layers can be cached (`multilabel_cached_trunk`) spends that on more epochs
-    (finetune/multilabel_train.py): on issue 16's mosaics 0.9519 test mAP in 627 s, against 0.9502 with
-    jitter in 879 s.
+    whose frozen layers can be cached (`multilabel_cached_trunk`) spends that on more epochs, and keeps the
+    jitter's shift by moving the cached activations (`shifts_cached_activations`; measured in
+    finetune/multilabel_train.py).
     """
     if requested != "auto":
         return requested == "on", f"--augment {requested}"
-    if multilabel_cached_trunk:
-        return False, "multi-label, frozen first layers: trained as they are, so those layers run once"
+    if shifts_cached_activations(requested, multilabel_cached_trunk):
+        return False, "multi-label, frozen first layers: their activations are cached and shifted at random"
     if num_train >= AS_IS_MIN_IMAGES and epochs <= AS_IS_MAX_EPOCHS:
         return False, f"{num_train} training images seen at most {epochs} times: trained as they are"
     return True, "mild jitter (rotation, scale, shift, brightness, contrast) for variety"
+
+
+def shifts_cached_activations(requested: str, multilabel_cached_trunk: bool) -> bool:
+    """Whether training moves the frozen layers' cached activations at random (finetune/trunk_cache.py
+    `shift_maps`): for multi-label runs under --augment auto, in place of the pixel jitter (`plan_jitter`)."""
+    return requested == "auto" and multilabel_cached_trunk

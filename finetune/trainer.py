@@ -41,7 +41,7 @@ from finetune.errors import ConfigError, StoppedError
 from finetune.inspect import check_run_data
 from finetune.optimizers import create_optimizer
 from finetune.probe import fit_linear_probe
-from finetune.recipe import plan_jitter
+from finetune.recipe import plan_jitter, shifts_cached_activations
 from finetune.run_finish import finish, finished_result
 from finetune.run_prepare import prepare_run
 from finetune.training_run import (
@@ -266,7 +266,12 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
     rank_batch = config.batch_size // run.dist.world_size
     steps_per_epoch, wanted = _update_plan(run)
     jitter, jitter_reason = _jitter_plan(run, cached_trunk=run.trunk is not None)
-    run.studio["plan"]["augment"] = {"jitter": jitter, "hflip": config.hflip, "reason": jitter_reason}
+    trunk_shift = shifts_cached_activations(
+        config.augment, run.multilabel is not None and run.trunk is not None
+    )
+    run.studio["plan"]["augment"] = {
+        "jitter": jitter, "hflip": config.hflip, "trunk_shift": trunk_shift, "reason": jitter_reason,
+    }  # fmt: skip
     if state and _budgeted(config):  # the budget's plan (a state saved before budgets counts epochs)
         total = state.get("max_updates") or state["epochs"] * steps_per_epoch
     elif state:  # --epochs: whole epochs of this world size (a resume may run on fewer processes)
@@ -295,7 +300,7 @@ def _fine_tune_epochs(run: TrainingRun, state: dict[str, Any] | None) -> bool:
         precision=run.train_precision, dist=run.dist, mean=run.mean, std=run.std, batch_size=rank_batch,
         seed=config.seed, clip_grad=config.clip_grad, hflip=config.hflip, jitter=jitter,
         freeze_bn=config.freeze_bn, sample_weights=run.sample_weights,
-        trunk=None if run.trunk is None else run.trunk.train,
+        trunk=None if run.trunk is None else run.trunk.train, trunk_shift=trunk_shift,
     )  # fmt: skip
     start_epoch, num_updates, stale = 1, 0, 0
     if state:

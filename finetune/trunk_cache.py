@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.augment import normalize
+from finetune.augment import MAX_SHIFT, normalize
 from finetune.distributed import DistContext
 from finetune.pixel_cache import CachedImages
 from finetune.precision import Precision
@@ -126,16 +126,41 @@ class TrunkActivations:
 
     @contextlib.contextmanager
     def inputs(
-        self, model: torch.nn.Module, index: torch.Tensor, device: torch.device
+        self,
+        model: torch.nn.Module,
+        index: torch.Tensor,
+        device: torch.device,
+        generator: torch.Generator | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yields what to call `model` with for the images at `index`: the placeholder, while the boundary
-        receives their cached activations."""
+        receives their cached activations (with a `generator`, each shifted at random: `shift_maps`)."""
         batch = torch.from_numpy(np.ascontiguousarray(self.array[self.rows[index.numpy()]]))
         activations = batch.to(device, dtype=torch.float32, non_blocking=True)
+        if generator is not None and activations.ndim == 4:
+            activations = shift_maps(activations, generator)
         if activations.ndim == 4:
             activations = activations.contiguous(memory_format=torch.channels_last)
         with feeding(model, self.trunk, activations):
             yield self.trunk.placeholder(device)
+
+
+def shift_maps(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each (C, H, W) map moved by whole cells, up to MAX_SHIFT of its size, its edges repeated.
+
+    This is the jitter's shift where a cached run can still apply it: convolutions carry a shift through, so
+    the activations of a shifted image are (but at the edges) the shifted activations. lite0's 14x14 map at
+    224 px moves by up to one cell, 7% of the image (the pixel jitter: up to 6%); a map of under 9 cells a
+    side does not move.
+    """
+    count, _, height, width = maps.shape
+    reach = round(MAX_SHIFT * min(height, width))
+    if reach == 0:
+        return maps
+    padded = torch.nn.functional.pad(maps, (reach, reach, reach, reach), mode="replicate")
+    offsets = torch.randint(0, 2 * reach + 1, (count, 2), generator=generator)
+    return torch.stack(
+        [padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets.tolist())]
+    )
 
 
 def compute_activations(

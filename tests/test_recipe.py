@@ -16,6 +16,7 @@ from finetune.recipe import (
     WHOLE_BACKBONE_MAX_PX,
     plan_jitter,
     plan_recipe,
+    shifts_cached_activations,
 )
 
 
@@ -91,3 +92,6 @@ def test_multi_label_runs_whose_frozen_layers_are_cached_train_as_they_are() -> 
     assert plan_jitter("auto", 2_400, 8, multilabel_cached_trunk=True)[0] is False
     assert plan_jitter("auto", 2_400, 8, multilabel_cached_trunk=False)[0] is True  # no speed to buy
     assert plan_jitter("on", 2_400, 8, multilabel_cached_trunk=True) == (True, "--augment on")
+    assert shifts_cached_activations("auto", multilabel_cached_trunk=True)
+    assert not shifts_cached_activations("off", multilabel_cached_trunk=True)  # as they are, as asked
+    assert not shifts_cached_activations("auto", multilabel_cached_trunk=False)

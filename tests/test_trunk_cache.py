@@ -28,6 +28,7 @@ from finetune.trunk_cache import (
     ActivationSettings,
     compute_activations,
     find_trunk,
+    shift_maps,
 )
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -186,10 +187,36 @@ def test_a_multi_label_run_with_frozen_layers_trains_as_they_are_on_cached_activ
     config = _config(csv_path, tmp_path / "run", augment="auto", epochs=0, time_budget_s=600)
     result = fine_tune(config)
     plan = json.loads((tmp_path / "run" / "config.json").read_text())["studio"]["plan"]
-    assert plan["augment"]["jitter"] is False and "run once" in plan["augment"]["reason"]
+    assert plan["augment"]["jitter"] is False and plan["augment"]["trunk_shift"] is True
     assert plan["trunk_cache"]["boundary"].startswith("blocks.")
     assert result.metrics["val_map"] > 0
     # flips change every image's activations: the frozen layers run in each step, and the jitter stays
     fine_tune(_config(csv_path, tmp_path / "flips", augment="auto", epochs=1, hflip=True))
     flipped = json.loads((tmp_path / "flips" / "config.json").read_text())["studio"]["plan"]
     assert flipped["augment"]["jitter"] is True and "trunk_cache" not in flipped
+    # --augment off: cached, and used as they are
+    fine_tune(_config(csv_path, tmp_path / "off", augment="off", epochs=1))
+    off = json.loads((tmp_path / "off" / "config.json").read_text())["studio"]["plan"]
+    assert "trunk_cache" in off and off["augment"]["trunk_shift"] is False
+
+
+def test_cached_activations_shift_by_whole_cells_with_their_edges_repeated() -> None:
+    maps = torch.arange(16 * 2 * 14 * 14, dtype=torch.float32).view(16, 2, 14, 14)
+    shifted = shift_maps(maps, torch.Generator().manual_seed(0))
+    assert shifted.shape == maps.shape
+    padded = torch.nn.functional.pad(maps, (1, 1, 1, 1), mode="replicate")
+    moves = []
+    for out, source in zip(shifted, padded, strict=True):
+        matches = [
+            (dy - 1, dx - 1)
+            for dy in range(3)
+            for dx in range(3)
+            if torch.equal(out, source[:, dy : dy + 14, dx : dx + 14])
+        ]
+        assert len(matches) == 1  # one whole-cell move of at most one cell (7% of a 14-cell map)
+        moves.append(matches[0])
+    assert len(set(moves)) > 3  # moved differently, at random
+    again = shift_maps(maps, torch.Generator().manual_seed(0))
+    assert torch.equal(again, shifted)  # seeded: a resumed epoch repeats
+    small = torch.randn(4, 2, 6, 6)
+    assert torch.equal(shift_maps(small, torch.Generator().manual_seed(0)), small)  # 6% of 6 cells: no move
