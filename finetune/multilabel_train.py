@@ -22,11 +22,13 @@ Fashion-MNIST items, 56 px images, tf_efficientnet_lite0, 2 shared CPU cores):
   single-label count (about 180 updates, at least 4 epochs then) stopped early: validation mAP still rose
   1-2 points an epoch at the end of 4 (0.80 -> 0.83 -> 0.88 -> 0.90 -> 0.91). `wanted_steps` asks for about
   TARGET_STEPS instead; the time budget still cuts a run that cannot afford them (finetune/budget.py).
-- As they are: with the first layers frozen, a run without jitter computes their activations once
-  (finetune/trunk_cache.py), and its epochs ran 2x faster (43-57 against 20-23 img/s at 224 px on 2 cores).
-  Multi-label runs spend that on more epochs rather than on jitter (recipe.py `plan_jitter`): seed 0 gave
-  0.9502 test mAP with jitter (398 updates, cut by the 900 s budget, 879 s), 0.9471 as they are with the
-  same 450 updates (486 s), 0.9519 as they are with 600 (627 s), so TARGET_STEPS is 600 (8 epochs of the
+- Cached frozen layers instead of pixel jitter: with the first layers frozen, a run without pixel jitter
+  computes their activations once (finetune/trunk_cache.py), and its epochs ran 2x faster (43-57 against
+  20-23 img/s at 224 px on 2 cores). Multi-label runs spend that on more epochs, and keep the jitter's shift
+  by moving the cached activations (recipe.py `plan_jitter`, `shifts_cached_activations`). Test mAP, seed 0
+  / seed 1 of the benchmark: pixel jitter, 450 updates wanted (398 / 450 made in 879 / 893 s) 0.9502 /
+  0.9474; as they are, 450 updates 0.9471 (seed 0, 486 s); as they are, 600 updates 0.9519 / 0.9463 (627 /
+  571 s); shifted, 600 updates 0.9542 / 0.9468 (489 / 492 s). So TARGET_STEPS is 600 (8 epochs of the
   benchmark's 2,400 training mosaics).
 """
 
