@@ -13,6 +13,10 @@ takes the first module called whose weights all train. A forward pre-hook on it 
 activations. The split is used only when, on real images, the hooked model reproduces the model's own
 outputs; a network whose later layers read an earlier tensor directly (a long skip connection) fails that
 check, and the run trains as before, computing the whole network in every step.
+
+Cached activations cannot take the pixel jitter, but they can take its shift: `shift_maps` moves each map
+by whole cells, which convolutions make (but at the edges) the activations of a shifted image. Multi-label
+runs use it (finetune/recipe.py `shifts_cached_activations`).
 """
 
 from __future__ import annotations
