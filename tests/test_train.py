@@ -57,7 +57,9 @@ def test_cli_writes_a_complete_run_folder(tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["label_names"] == ["digit_0", "digit_1", "digit_2"]
     assert config["studio"]["train_config"]["epochs"] == 2
-    assert config["studio"]["plan"]["augment"] == {"jitter": False, "hflip": False, "reason": "--augment off"}
+    assert config["studio"]["plan"]["augment"] == {
+        "jitter": False, "hflip": False, "trunk_shift": False, "reason": "--augment off",
+    }  # fmt: skip
     # the recipe plan (finetune/recipe.py): a given size is kept; few images train the whole backbone
     assert (config["studio"]["plan"]["image_size"], config["studio"]["plan"]["frozen_groups"]) == (48, 0)
     assert config["studio"]["dataset"]["num_bad_files"] == 1
