@@ -23,7 +23,7 @@ Fashion-MNIST items, 56 px images, tf_efficientnet_lite0, 2 shared CPU cores):
   1-2 points an epoch at the end of 4 (0.80 -> 0.83 -> 0.88 -> 0.90 -> 0.91). `wanted_steps` asks for about
   TARGET_STEPS instead; the time budget still cuts a run that cannot afford them (finetune/budget.py).
 - Cached frozen layers instead of pixel jitter: with the first layers frozen, a run without pixel jitter
-  computes their activations once (finetune/trunk_cache.py), and its epochs ran 2x faster (43-57 against
+  computes their activations once (finetune/trunk_cache.py), and its epochs ran 2x faster (41-58 against
   20-23 img/s at 224 px on 2 cores). Multi-label runs spend that on more epochs, and keep the jitter's shift
   by moving the cached activations (recipe.py `plan_jitter`, `shifts_cached_activations`). Test mAP, seed 0
   / seed 1 of the benchmark: pixel jitter, 450 updates wanted (398 / 450 made in 879 / 893 s) 0.9502 /
